@@ -1,0 +1,162 @@
+//! A linear layer (`y = x W^T`) over whichever weight representation a
+//! checkpoint and device allow.
+
+use std::sync::Arc;
+
+use candle_core::{
+    CpuStorage, CustomOp1, DType, Device, Layout, Module, Shape, Tensor,
+    quantized::{GgmlDType, QMatMul, QTensor},
+};
+
+use crate::error::{ModelError, Result};
+use crate::quant::{Kernel, QuantMatrix};
+
+/// How activations meet quantized weights.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Precision {
+    /// Activations and KV cache stay f32; weights are expanded inside the
+    /// kernel. The default: the accuracy DESIGN.md asks for.
+    #[default]
+    F32,
+    /// candle's kernels, which round activations to 8 bits first (as
+    /// llama.cpp does). Opt-in: it changes answers on small models.
+    Q8,
+}
+
+/// A weight matrix `[out_features, in_features]` and the way to multiply by it.
+#[derive(Debug, Clone)]
+pub enum Linear {
+    /// Quantized blocks run by this crate's f32-activation kernels (CPU).
+    Quant(Arc<QuantMatrix>),
+    /// A plain float matrix, multiplied by candle.
+    Dense(Tensor),
+    /// candle's quantized matmul (8-bit activations).
+    Candle(Arc<QMatMul>),
+}
+
+impl Linear {
+    /// Wraps a float weight of shape `[out, in]`.
+    pub fn dense(weight: Tensor) -> Result<Self> {
+        weight.dims2()?;
+        Ok(Self::Dense(weight.to_dtype(DType::F32)?))
+    }
+
+    /// Chooses the representation for a GGUF tensor.
+    ///
+    /// Formats with a kernel here keep their blocks; other quantized formats
+    /// (k-quants) are dequantized to f32 once at load, which keeps the answers
+    /// exact at the cost of memory, unless `precision` asks for candle's kernels.
+    pub fn from_qtensor(q: QTensor, precision: Precision, device: &Device) -> Result<Self> {
+        let (rows, cols) = q.shape().dims2()?;
+        let float = matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
+        if float {
+            return Self::dense(q.dequantize(device)?);
+        }
+        match precision {
+            Precision::Q8 => Ok(Self::Candle(Arc::new(QMatMul::from_qtensor(q)?))),
+            Precision::F32 if device.is_cpu() => {
+                match QuantMatrix::from_ggml(q.dtype(), &q.data()?, rows, cols) {
+                    Some(m) => Ok(Self::Quant(Arc::new(m))),
+                    None => Self::dense(q.dequantize(device)?),
+                }
+            }
+            Precision::F32 => Self::dense(q.dequantize(device)?),
+        }
+    }
+
+    /// `[out_features, in_features]`.
+    pub fn dims(&self) -> [usize; 2] {
+        let dims = match self {
+            Self::Quant(m) => return [m.rows(), m.cols()],
+            Self::Dense(w) => w.dims(),
+            Self::Candle(q) => match q.as_ref() {
+                QMatMul::QTensor(t) => t.shape().dims(),
+                QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.dims(),
+            },
+        };
+        [dims[0], dims.get(1).copied().unwrap_or(0)]
+    }
+
+    /// Output features.
+    pub fn out_features(&self) -> usize {
+        self.dims()[0]
+    }
+
+    /// Bytes the weights occupy.
+    pub fn size_in_bytes(&self) -> usize {
+        match self {
+            Self::Quant(m) => m.size_in_bytes(),
+            Self::Dense(w) => w.elem_count() * w.dtype().size_in_bytes(),
+            Self::Candle(q) => match q.as_ref() {
+                QMatMul::QTensor(t) => t.storage_size_in_bytes(),
+                QMatMul::Tensor(t) | QMatMul::TensorF16(t) => {
+                    t.elem_count() * t.dtype().size_in_bytes()
+                }
+            },
+        }
+    }
+
+    /// Applies the layer to `x` of shape `[..., in_features]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Self::Quant(m) => x.contiguous()?.apply_op1_no_bwd(&QuantMatmul {
+                matrix: m,
+                kernel: Kernel::detect(),
+            })?,
+            Self::Dense(w) => x.broadcast_matmul(&w.t()?)?,
+            Self::Candle(q) => q.forward(x)?,
+        })
+    }
+}
+
+/// candle custom op that hands contiguous f32 activations to [`QuantMatrix::matmul`].
+struct QuantMatmul<'a> {
+    matrix: &'a QuantMatrix,
+    kernel: Kernel,
+}
+
+impl CustomOp1 for QuantMatmul<'_> {
+    fn name(&self) -> &'static str {
+        "quant-matmul-f32"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let CpuStorage::F32(data) = storage else {
+            candle_core::bail!("quantized matmul takes f32 activations")
+        };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("quantized matmul needs contiguous activations")
+        };
+        let dims = layout.shape().dims();
+        let cols = dims.last().copied().unwrap_or(0);
+        if cols != self.matrix.cols() {
+            candle_core::bail!(
+                "activations have {cols} features, the weight expects {}",
+                self.matrix.cols()
+            )
+        }
+        let x = &data[start..end];
+        let out = self.matrix.matmul(x, x.len() / cols, self.kernel);
+        let mut out_dims = dims.to_vec();
+        if let Some(last) = out_dims.last_mut() {
+            *last = self.matrix.rows();
+        }
+        Ok((CpuStorage::F32(out), Shape::from(out_dims)))
+    }
+}
+
+/// Checks that a loaded weight has the shape the config implies.
+pub(crate) fn check_shape(name: &str, actual: &[usize], expected: &[usize]) -> Result<()> {
+    if actual != expected {
+        return Err(ModelError::TensorShape {
+            name: name.to_string(),
+            actual: actual.to_vec(),
+            expected: expected.to_vec(),
+        });
+    }
+    Ok(())
+}

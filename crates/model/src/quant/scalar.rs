@@ -1,0 +1,59 @@
+//! Portable kernels: the fallback on CPUs without SIMD support here, and the
+//! reference the SIMD kernels are tested against.
+
+use super::{BLOCK, QuantLayout, Row};
+
+pub(super) fn dequantize_row(layout: QuantLayout, row: Row<'_>, out: &mut [f32]) {
+    for (b, out) in out.chunks_exact_mut(BLOCK).enumerate() {
+        let d = row.scales[b];
+        match layout {
+            QuantLayout::Nibbles => {
+                let m = row.mins[b];
+                let q = &row.quants[b * 16..(b + 1) * 16];
+                for j in 0..16 {
+                    out[j] = d * f32::from(q[j] & 0x0F) + m;
+                    out[j + 16] = d * f32::from(q[j] >> 4) + m;
+                }
+            }
+            QuantLayout::Int8 => {
+                let q = &row.quants[b * BLOCK..(b + 1) * BLOCK];
+                for (o, &q) in out.iter_mut().zip(q) {
+                    *o = d * f32::from(q as i8);
+                }
+            }
+        }
+    }
+}
+
+/// `sum_b d_b * (q_b . x_b) + m_b * sum(x_b)` for each token of the tile.
+pub(super) fn nibbles<const N: usize>(
+    row: Row<'_>,
+    xs: [&[f32]; N],
+    xsums: [&[f32]; N],
+) -> [f32; N] {
+    let mut acc = [0f32; N];
+    for (b, q) in row.quants.chunks_exact(16).enumerate() {
+        for t in 0..N {
+            let x = &xs[t][b * BLOCK..(b + 1) * BLOCK];
+            let mut dot = 0f32;
+            for j in 0..16 {
+                dot += f32::from(q[j] & 0x0F) * x[j] + f32::from(q[j] >> 4) * x[j + 16];
+            }
+            acc[t] += row.scales[b] * dot + row.mins[b] * xsums[t][b];
+        }
+    }
+    acc
+}
+
+/// `sum_b d_b * (q_b . x_b)` for each token of the tile.
+pub(super) fn int8<const N: usize>(row: Row<'_>, xs: [&[f32]; N]) -> [f32; N] {
+    let mut acc = [0f32; N];
+    for (b, q) in row.quants.chunks_exact(BLOCK).enumerate() {
+        for t in 0..N {
+            let x = &xs[t][b * BLOCK..(b + 1) * BLOCK];
+            let dot: f32 = q.iter().zip(x).map(|(&q, &x)| f32::from(q as i8) * x).sum();
+            acc[t] += row.scales[b] * dot;
+        }
+    }
+    acc
+}
