@@ -2,6 +2,7 @@
 //! the crates that do the work; nothing here computes anything itself.
 
 mod bench;
+mod ledger_cli;
 mod local;
 
 use anyhow::Result;
@@ -31,10 +32,29 @@ enum Command {
     /// Measure speed and memory.
     #[command(subcommand)]
     Bench(bench::BenchCmd),
+    /// Create and inspect account keys.
+    #[command(subcommand)]
+    Key(ledger_cli::KeyCmd),
+    /// Run the ledger chain (the embedded dev chain) or write a genesis file.
+    #[command(subcommand)]
+    Chain(ledger_cli::ChainCmd),
+    /// Sign and submit a ledger transaction.
+    #[command(subcommand)]
+    Tx(ledger_cli::TxCmd),
+    /// Read ledger state over JSON-RPC.
+    #[command(subcommand)]
+    Query(ledger_cli::QueryCmd),
 }
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        // candle asks for its thread count on every matmul and, without this
+        // variable, answers by parsing /proc/cpuinfo each time (7% of decode).
+        let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+        // SAFETY: no other thread has started yet.
+        unsafe { std::env::set_var("RAYON_NUM_THREADS", n.to_string()) };
+    }
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(&cli.log))
         .with_writer(std::io::stderr)
@@ -44,5 +64,9 @@ fn main() -> Result<()> {
         Command::Generate(args) => args.run(),
         Command::Chat(args) => args.run(),
         Command::Bench(cmd) => cmd.run(),
+        Command::Key(cmd) => cmd.run(),
+        Command::Chain(cmd) => cmd.run(),
+        Command::Tx(cmd) => cmd.run(),
+        Command::Query(cmd) => cmd.run(),
     }
 }

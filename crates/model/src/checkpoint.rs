@@ -17,7 +17,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::chat::ChatTemplate;
 use crate::config::{HfConfig, ModelConfig, RopeStyle};
 use crate::error::{ModelError, Result};
-use crate::linear::{Linear, Precision, check_shape};
+use crate::linear::{FusedLinear, Linear, Precision, check_shape};
 use crate::llama::{BlockSpan, BlockWeights, Embedding, Head, LocalModel};
 use crate::tokenizer::Tokenizer;
 
@@ -321,13 +321,17 @@ impl Checkpoint {
         };
         Ok(BlockWeights {
             attn_norm: self.load_vector(r, Name::Block(i, BlockTensor::AttnNorm), o)?,
-            q: lin(r, BlockTensor::Q, [q, d])?,
-            k: lin(r, BlockTensor::K, [kv, d])?,
-            v: lin(r, BlockTensor::V, [kv, d])?,
+            qkv: FusedLinear::new(vec![
+                lin(r, BlockTensor::Q, [q, d])?,
+                lin(r, BlockTensor::K, [kv, d])?,
+                lin(r, BlockTensor::V, [kv, d])?,
+            ])?,
             o: lin(r, BlockTensor::O, [d, q])?,
             ffn_norm: self.load_vector(r, Name::Block(i, BlockTensor::FfnNorm), o)?,
-            gate: lin(r, BlockTensor::Gate, [ff, d])?,
-            up: lin(r, BlockTensor::Up, [ff, d])?,
+            gate_up: FusedLinear::new(vec![
+                lin(r, BlockTensor::Gate, [ff, d])?,
+                lin(r, BlockTensor::Up, [ff, d])?,
+            ])?,
             down: lin(r, BlockTensor::Down, [d, ff])?,
         })
     }

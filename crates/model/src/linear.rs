@@ -160,3 +160,68 @@ pub(crate) fn check_shape(name: &str, actual: &[usize], expected: &[usize]) -> R
     }
     Ok(())
 }
+
+/// Several projections of the same input, fused into one matrix when their
+/// representations allow, so they cost one pass over the input and one
+/// parallel dispatch.
+#[derive(Debug, Clone)]
+pub enum FusedLinear {
+    /// One stacked matrix; outputs are split at these widths.
+    Stacked(Linear, Vec<usize>),
+    /// Matrices that cannot be stacked (mixed formats, candle's kernels).
+    Separate(Vec<Linear>),
+}
+
+impl FusedLinear {
+    /// Stacks `parts` if they share a representation.
+    pub fn new(parts: Vec<Linear>) -> Result<Self> {
+        let widths: Vec<usize> = parts.iter().map(Linear::out_features).collect();
+        let quant: Option<Vec<&QuantMatrix>> = parts
+            .iter()
+            .map(|l| match l {
+                Linear::Quant(m) => Some(m.as_ref()),
+                _ => None,
+            })
+            .collect();
+        if let Some(m) = quant.and_then(|q| QuantMatrix::concat_rows(&q)) {
+            return Ok(Self::Stacked(Linear::Quant(Arc::new(m)), widths));
+        }
+        let dense: Option<Vec<&Tensor>> = parts
+            .iter()
+            .map(|l| match l {
+                Linear::Dense(t) => Some(t),
+                _ => None,
+            })
+            .collect();
+        if let Some(d) = dense {
+            return Ok(Self::Stacked(Linear::Dense(Tensor::cat(&d, 0)?), widths));
+        }
+        Ok(Self::Separate(parts))
+    }
+
+    /// One output per projection, in the order given to [`FusedLinear::new`].
+    pub fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
+        match self {
+            Self::Stacked(l, widths) => {
+                let y = l.forward(x)?;
+                let last = y.rank() - 1;
+                let mut offset = 0;
+                let mut outs = Vec::with_capacity(widths.len());
+                for w in widths {
+                    outs.push(y.narrow(last, offset, *w)?);
+                    offset += w;
+                }
+                Ok(outs)
+            }
+            Self::Separate(ls) => ls.iter().map(|l| l.forward(x)).collect(),
+        }
+    }
+
+    /// Bytes the weights occupy.
+    pub fn size_in_bytes(&self) -> usize {
+        match self {
+            Self::Stacked(l, _) => l.size_in_bytes(),
+            Self::Separate(ls) => ls.iter().map(Linear::size_in_bytes).sum(),
+        }
+    }
+}

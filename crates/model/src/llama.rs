@@ -11,7 +11,7 @@ use candle_nn::{ops, rotary_emb};
 use crate::config::{ModelConfig, RopeStyle};
 use crate::error::{ModelError, Result};
 use crate::kv_cache::KvCache;
-use crate::linear::Linear;
+use crate::linear::{FusedLinear, Linear};
 use crate::quant::QuantMatrix;
 
 /// Maps token ids to hidden states `[1, T, hidden]`.
@@ -101,13 +101,12 @@ impl Embedding {
 #[derive(Debug, Clone)]
 pub struct BlockWeights {
     pub(crate) attn_norm: Tensor,
-    pub(crate) q: Linear,
-    pub(crate) k: Linear,
-    pub(crate) v: Linear,
+    /// Query, key and value projections.
+    pub(crate) qkv: FusedLinear,
     pub(crate) o: Linear,
     pub(crate) ffn_norm: Tensor,
-    pub(crate) gate: Linear,
-    pub(crate) up: Linear,
+    /// Gate and up projections.
+    pub(crate) gate_up: FusedLinear,
     pub(crate) down: Linear,
 }
 
@@ -115,12 +114,10 @@ impl BlockWeights {
     fn size_in_bytes(&self) -> usize {
         let norms = (self.attn_norm.elem_count() + self.ffn_norm.elem_count()) * 4;
         norms
-            + [
-                &self.q, &self.k, &self.v, &self.o, &self.gate, &self.up, &self.down,
-            ]
-            .iter()
-            .map(|l| l.size_in_bytes())
-            .sum::<usize>()
+            + self.qkv.size_in_bytes()
+            + self.gate_up.size_in_bytes()
+            + self.o.size_in_bytes()
+            + self.down.size_in_bytes()
     }
 }
 
@@ -230,11 +227,16 @@ impl BlockSpan {
         let hidden = hidden.to_dtype(DType::F32)?.to_device(&self.device)?;
         let (cos, sin) = rope_tables(c, pos, t, &self.device)?;
         let mask = causal_mask(pos, t, &self.device)?;
-        let mut x = hidden;
-        for (block, kv) in self.blocks.iter().zip(cache.layers.iter_mut()) {
-            x = self.block_forward(block, &x, &cos, &sin, mask.as_ref(), kv)?;
-        }
-        Ok(x)
+        // Run the blocks on a worker of the compute pool: the kernels' parallel
+        // loops then fork from a worker (cheap) instead of parking this thread
+        // and waking the pool once per matrix (a context switch each time).
+        rayon::scope(|_| {
+            let mut x = hidden;
+            for (block, kv) in self.blocks.iter().zip(cache.layers.iter_mut()) {
+                x = self.block_forward(block, &x, &cos, &sin, mask.as_ref(), kv)?;
+            }
+            Ok(x)
+        })
     }
 
     fn block_forward(
@@ -251,9 +253,8 @@ impl BlockSpan {
         let h = ops::rms_norm(x, &w.attn_norm, eps)?;
         let x = (x + self.attention(w, &h, cos, sin, mask, kv)?)?;
         let h = ops::rms_norm(&x, &w.ffn_norm, eps)?;
-        let mlp = w
-            .down
-            .forward(&(ops::silu(&w.gate.forward(&h)?)? * w.up.forward(&h)?)?)?;
+        let [gate, up] = split(w.gate_up.forward(&h)?)?;
+        let mlp = w.down.forward(&(ops::silu(&gate)? * up)?)?;
         Ok((x + mlp)?)
     }
 
@@ -269,21 +270,19 @@ impl BlockSpan {
         let c = &self.config;
         let (b, t, _) = x.dims3()?;
         let (h, kvh, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
-        let heads = |l: &Linear, n: usize| -> Result<Tensor> {
-            Ok(l.forward(x)?
-                .reshape((b, t, n, hd))?
-                .transpose(1, 2)?
-                .contiguous()?)
+        let heads = |y: &Tensor, n: usize| -> Result<Tensor> {
+            Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
         };
+        let [q, k, v] = split(w.qkv.forward(x)?)?;
         let rope = |t: &Tensor| -> Result<Tensor> {
             Ok(match c.rope_style {
                 RopeStyle::Interleaved => rotary_emb::rope_i(t, cos, sin)?,
                 RopeStyle::Halves => rotary_emb::rope(t, cos, sin)?,
             })
         };
-        let q = rope(&heads(&w.q, h)?)?;
-        let k = rope(&heads(&w.k, kvh)?)?;
-        let v = heads(&w.v, kvh)?;
+        let q = rope(&heads(&q, h)?)?;
+        let k = rope(&heads(&k, kvh)?)?;
+        let v = heads(&v, kvh)?;
         let (k, v) = kv.append(&k, &v)?;
         let s = k.dim(2)?;
         // Grouped-query attention without copying keys: query heads that share
@@ -306,6 +305,13 @@ impl BlockSpan {
             .reshape((b, t, h * hd))?;
         w.o.forward(&y)
     }
+}
+
+/// The outputs of a fused projection as a fixed-size array.
+fn split<const N: usize>(outs: Vec<Tensor>) -> Result<[Tensor; N]> {
+    outs.try_into().map_err(|v: Vec<Tensor>| {
+        ModelError::Config(format!("expected {N} projections, got {}", v.len()))
+    })
 }
 
 /// cos and sin of the rotary angles for positions `[pos, pos + t)`, `[t, head_dim / 2]`.
@@ -360,7 +366,7 @@ impl Head {
         }
         let last = hidden.narrow(1, t - 1, 1)?.to_dtype(DType::F32)?;
         let normed = ops::rms_norm(&last, &self.norm, self.eps)?;
-        Ok(self.lm_head.forward(&normed)?.squeeze(1)?)
+        rayon::scope(|_| Ok(self.lm_head.forward(&normed)?.squeeze(1)?))
     }
 
     /// Logits `[batch, T, vocab]` for every position (for scoring and tests).

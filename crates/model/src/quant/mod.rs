@@ -125,6 +125,33 @@ impl QuantMatrix {
         })
     }
 
+    /// Stacks matrices with equal width and layout into one, rows in order, so
+    /// projections that read the same input run as one parallel loop.
+    pub fn concat_rows(parts: &[&QuantMatrix]) -> Option<Self> {
+        let first = parts.first()?;
+        if parts
+            .iter()
+            .any(|m| m.cols != first.cols || m.layout != first.layout)
+        {
+            return None;
+        }
+        let mut out = Self {
+            layout: first.layout,
+            rows: 0,
+            cols: first.cols,
+            scales: Vec::new(),
+            mins: Vec::new(),
+            quants: Vec::new(),
+        };
+        for m in parts {
+            out.rows += m.rows;
+            out.scales.extend_from_slice(&m.scales);
+            out.mins.extend_from_slice(&m.mins);
+            out.quants.extend_from_slice(&m.quants);
+        }
+        Some(out)
+    }
+
     /// Output features.
     pub fn rows(&self) -> usize {
         self.rows

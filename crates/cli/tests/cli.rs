@@ -1,0 +1,90 @@
+//! The `hypertensor` binary as a user runs it.
+
+use std::process::Command;
+
+fn hypertensor() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_hypertensor"))
+}
+
+#[test]
+fn a_missing_model_is_a_clear_error() {
+    let out = hypertensor()
+        .args([
+            "generate",
+            "--model",
+            "/nonexistent/x.gguf",
+            "--prompt",
+            "hi",
+        ])
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cannot open model at /nonexistent/x.gguf"),
+        "{err}"
+    );
+}
+
+#[test]
+fn generate_answers_with_the_default_model() {
+    let Some(path) = model::DEFAULT_MODEL.cached(&model::cache_dir()) else {
+        eprintln!("SKIPPED: default model not fetched; run `hypertensor model fetch`");
+        return;
+    };
+    let out = hypertensor()
+        .args(["generate", "--temperature", "0", "--max-tokens", "16"])
+        .args(["--prompt", "What is the capital of France?", "--model"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "The capital of France is Paris.\n"
+    );
+}
+
+#[test]
+fn chat_keeps_the_conversation_and_streams_answers() {
+    let Some(path) = model::DEFAULT_MODEL.cached(&model::cache_dir()) else {
+        eprintln!("SKIPPED: default model not fetched; run `hypertensor model fetch`");
+        return;
+    };
+    use std::io::Write;
+    let mut child = hypertensor()
+        .args([
+            "chat",
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "16",
+            "--model",
+        ])
+        .arg(&path)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin
+        .write_all(b"What is the capital of France?\n/reset\n/exit\n")
+        .unwrap();
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "The capital of France is Paris.\n"
+    );
+}
