@@ -276,16 +276,17 @@ impl RssProbe {
     fn run(self) -> Result<()> {
         let ckpt = self.model.open()?;
         let opts = self.model.options();
-        let weights = match self.load.as_str() {
-            "none" => 0,
+        // What is loaded stays alive until the memory is read.
+        let (weights, _held): (usize, Option<Box<dyn std::any::Any>>) = match self.load.as_str() {
+            "none" => (0, None),
             "whole" => {
                 let m = ckpt.load_local(&opts, &mut |_, _| {})?;
-                m.span.size_in_bytes()
+                (m.span.size_in_bytes(), Some(Box::new(m)))
             }
             range => {
                 let (a, b) = range.split_once(':').context("--load START:END")?;
                 let span = ckpt.load_span(a.parse()?..b.parse()?, &opts, &mut |_, _| {})?;
-                span.size_in_bytes()
+                (span.size_in_bytes(), Some(Box::new(span)))
             }
         };
         let (rss, hwm) = rss_kib()?;

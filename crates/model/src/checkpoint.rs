@@ -499,7 +499,7 @@ fn gguf_config(md: &HashMap<String, Value>, content: &Content) -> Result<ModelCo
             _ => content
                 .tensor_infos
                 .get("token_embd.weight")
-                .map(|i| i.shape.dims()[0])
+                .and_then(|i| i.shape.dims().first().copied())
                 .ok_or_else(|| ModelError::Config("vocabulary size is unknown".into()))?,
         },
     };

@@ -202,16 +202,17 @@ impl<'a> TextStream<'a> {
             return Push::Stopped(&self.text[from..cut]);
         }
         // A trailing U+FFFD is a character whose bytes have not all arrived.
-        let mut safe = self.text.trim_end_matches('\u{FFFD}').len();
-        // Hold back a tail that could still grow into a stop string.
-        for s in self.stops {
-            for (i, _) in s.char_indices().skip(1) {
-                if self.text[..safe].ends_with(&s[..i]) {
-                    safe = safe.min(self.text.len() - i);
-                }
-            }
-        }
-        let safe = safe.max(self.emitted);
+        let complete = self.text.trim_end_matches('\u{FFFD}').len();
+        // Hold back the longest tail that could still grow into a stop string.
+        let hold = self
+            .stops
+            .iter()
+            .flat_map(|s| s.char_indices().skip(1).map(move |(i, _)| &s[..i]))
+            .filter(|prefix| self.text[..complete].ends_with(prefix))
+            .map(str::len)
+            .max()
+            .unwrap_or(0);
+        let safe = (complete - hold).max(self.emitted);
         let from = self.emitted;
         self.emitted = safe;
         Push::Emit(&self.text[from..safe])
@@ -263,6 +264,13 @@ mod tests {
         let (out, stopped) = feed(&["STOP"], &["a S", "a ST", "a STA"]);
         assert!(!stopped);
         assert_eq!(out, vec!["a ", "", "STA"]);
+    }
+
+    #[test]
+    fn a_stop_prefix_before_an_incomplete_character_is_held_too() {
+        let (out, stopped) = feed(&["ST"], &["abS\u{FFFD}", "abSX"]);
+        assert!(!stopped);
+        assert_eq!(out, vec!["ab", "SX"]);
     }
 
     #[test]
