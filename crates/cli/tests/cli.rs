@@ -6,6 +6,15 @@ fn hypertensor() -> Command {
     Command::new(env!("CARGO_BIN_EXE_hypertensor"))
 }
 
+/// The fetched default model, or `None` after saying why the test is skipped.
+fn default_model() -> Option<std::path::PathBuf> {
+    let found = model::DEFAULT_MODEL.cached(&model::cache_dir());
+    if found.is_none() {
+        eprintln!("SKIPPED: default model not fetched; run `hypertensor model fetch`");
+    }
+    found
+}
+
 #[test]
 fn a_missing_model_is_a_clear_error() {
     let out = hypertensor()
@@ -29,10 +38,7 @@ fn a_missing_model_is_a_clear_error() {
 
 #[test]
 fn generate_answers_with_the_default_model() {
-    let Some(path) = model::DEFAULT_MODEL.cached(&model::cache_dir()) else {
-        eprintln!("SKIPPED: default model not fetched; run `hypertensor model fetch`");
-        return;
-    };
+    let Some(path) = default_model() else { return };
     let out = hypertensor()
         .args(["generate", "--temperature", "0", "--max-tokens", "16"])
         .args(["--prompt", "What is the capital of France?", "--model"])
@@ -52,10 +58,7 @@ fn generate_answers_with_the_default_model() {
 
 #[test]
 fn chat_keeps_the_conversation_and_streams_answers() {
-    let Some(path) = model::DEFAULT_MODEL.cached(&model::cache_dir()) else {
-        eprintln!("SKIPPED: default model not fetched; run `hypertensor model fetch`");
-        return;
-    };
+    let Some(path) = default_model() else { return };
     use std::io::Write;
     let mut child = hypertensor()
         .args([
