@@ -164,6 +164,9 @@ pub enum LedgerError {
     /// The block producer has stopped.
     #[error("block producer stopped")]
     ProducerStopped,
+    /// The block producer cannot do this (e.g. seal on demand under BFT).
+    #[error("unsupported: {0}")]
+    Unsupported(String),
     /// A key file problem.
     #[error("key: {0}")]
     Key(String),

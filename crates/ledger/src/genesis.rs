@@ -88,6 +88,16 @@ pub struct Params {
     pub owner_cut: Ppm,
     /// Delegators' cut, added to the vault (paid to nodes when the vault is empty). Default 200,000 (20%).
     pub delegator_cut: Ppm,
+
+    /// Chain validators on each chain epoch's BFT committee: the top N by
+    /// bond at the end of the previous chain epoch. Default 100.
+    pub committee_size: u32,
+    /// Blocks per chain epoch (the BFT committee's term; unrelated to
+    /// subnet epochs); at least 2. Default 100.
+    pub chain_epoch_blocks: u64,
+    /// Smallest bond a chain validator may hold. Default 1 token.
+    #[serde(with = "amount")]
+    pub min_validator_bond: Amount,
 }
 
 impl Default for Params {
@@ -124,6 +134,9 @@ impl Default for Params {
             emission_per_epoch: 10 * TOKEN,
             owner_cut: 100_000,
             delegator_cut: 200_000,
+            committee_size: 100,
+            chain_epoch_blocks: 100,
+            min_validator_bond: TOKEN,
         }
     }
 }
@@ -164,6 +177,9 @@ impl Params {
         if ppms.iter().any(|&p| p > PPM) {
             return bad("parts-per-million values must be <= 1,000,000");
         }
+        if self.committee_size == 0 || self.chain_epoch_blocks < 2 {
+            return bad("need committee_size > 0 and chain_epoch_blocks >= 2");
+        }
         if self.owner_cut + self.delegator_cut > PPM {
             return bad("owner_cut + delegator_cut must be <= 1,000,000");
         }
@@ -181,6 +197,18 @@ pub struct GenesisBalance {
     pub amount: Amount,
 }
 
+/// A chain validator bonded at genesis. The bond is new issuance, like a balance.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GenesisValidator {
+    /// Bonding account.
+    pub address: Address,
+    /// Consensus (vote-signing and p2p) public key.
+    pub consensus_key: Address,
+    /// Bond in smallest units.
+    #[serde(with = "amount")]
+    pub bond: Amount,
+}
+
 /// The genesis configuration.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Genesis {
@@ -189,9 +217,12 @@ pub struct Genesis {
     /// Runtime constants.
     #[serde(default)]
     pub params: Params,
-    /// Initial balances; they make up the initial total issuance.
+    /// Initial balances; with the validator bonds they make up the initial total issuance.
     #[serde(default)]
     pub balances: Vec<GenesisBalance>,
+    /// Chain validators bonded at genesis: the first committee is drawn from them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub validators: Vec<GenesisValidator>,
 }
 
 impl Genesis {
@@ -204,6 +235,7 @@ impl Genesis {
                 .iter()
                 .map(|&(address, amount)| GenesisBalance { address, amount })
                 .collect(),
+            validators: Vec::new(),
         }
     }
 
@@ -262,6 +294,25 @@ impl Genesis {
             }
             total = total
                 .checked_add(b.amount)
+                .ok_or_else(|| LedgerError::Genesis("total issuance overflows".into()))?;
+        }
+        let mut keys = std::collections::BTreeSet::new();
+        let mut bonded = std::collections::BTreeSet::new();
+        for v in &self.validators {
+            if !bonded.insert(v.address) || !keys.insert(v.consensus_key) {
+                return Err(LedgerError::Genesis(format!(
+                    "validator {} or its consensus key listed twice",
+                    v.address
+                )));
+            }
+            if v.bond < self.params.min_validator_bond {
+                return Err(LedgerError::Genesis(format!(
+                    "validator {} bonds less than min_validator_bond",
+                    v.address
+                )));
+            }
+            total = total
+                .checked_add(v.bond)
                 .ok_or_else(|| LedgerError::Genesis("total issuance overflows".into()))?;
         }
         Ok(())

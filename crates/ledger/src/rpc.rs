@@ -23,6 +23,8 @@
 //! | `ledger_registrationFee` | | [`AmountView`] |
 //! | `ledger_proofOfStake` | subnet id, peer id, min class | [`ProofOfStake`](crate::types::ProofOfStake) |
 //! | `ledger_audit` | | [`IssuanceAudit`] |
+//! | `ledger_chainValidators` | | [`ChainValidator`](crate::types::ChainValidator)s |
+//! | `ledger_committee` | chain epoch | its committee ([`ChainValidator`](crate::types::ChainValidator)s) or null |
 //! | `ledger_sealBlock` | | the sealed [`Block`](crate::types::Block) (dev chain) |
 //! | `ledger_subscribeBlocks` | | notifications `ledger_block` with each [`Block`](crate::types::Block) |
 
@@ -36,7 +38,9 @@ use tokio::sync::broadcast::error::RecvError;
 use crate::chain::BlockProducer;
 use crate::error::LedgerError;
 use crate::genesis::Params as ChainParams;
-use crate::runtime::{IssuanceAudit, Runtime, epochs, math, nodes, queries, subnets, vaults};
+use crate::runtime::{
+    IssuanceAudit, Runtime, epochs, math, nodes, queries, subnets, validators, vaults,
+};
 use crate::state::{get_value, keys};
 use crate::storage::{Head, Snapshot};
 use crate::tx::SignedTx;
@@ -219,6 +223,17 @@ pub fn module<P: BlockProducer>(producer: P) -> Result<RpcModule<P>, LedgerError
     m.register_method("ledger_audit", |_, p, _| {
         let s = snap(p)?;
         st::<IssuanceAudit>(queries::audit_issuance(&s))
+    })
+    .map_err(reg)?;
+    m.register_method("ledger_chainValidators", |_, p, _| {
+        let s = snap(p)?;
+        st(validators::all(&s))
+    })
+    .map_err(reg)?;
+    m.register_method("ledger_committee", |params: Params, p, _| {
+        let (e,): (u64,) = params.parse()?;
+        let s = snap(p)?;
+        st(validators::committee(&s, e))
     })
     .map_err(reg)?;
     m.register_async_method("ledger_sealBlock", |_, p, _| async move {

@@ -219,6 +219,19 @@ impl LedgerClient {
         self.call("ledger_audit", rpc_params![]).await
     }
 
+    /// Every bonded chain validator.
+    pub async fn chain_validators(&self) -> Result<Vec<crate::types::ChainValidator>, LedgerError> {
+        self.call("ledger_chainValidators", rpc_params![]).await
+    }
+
+    /// The committee recorded for a chain epoch (null until its first block).
+    pub async fn committee(
+        &self,
+        epoch: u64,
+    ) -> Result<Option<Vec<crate::types::ChainValidator>>, LedgerError> {
+        self.call("ledger_committee", rpc_params![epoch]).await
+    }
+
     /// Asks the dev chain to seal a block now.
     pub async fn seal_block(&self) -> Result<Block, LedgerError> {
         self.call("ledger_sealBlock", rpc_params![]).await

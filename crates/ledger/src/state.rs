@@ -250,6 +250,8 @@ pub mod keys {
     pub const UNBONDING_PREFIX: &[u8] = b"u/";
     /// Prefix of vaults.
     pub const VAULT_PREFIX: &[u8] = b"v/";
+    /// Prefix of chain validators.
+    pub const CHAIN_VALIDATOR_PREFIX: &[u8] = b"cv/";
 
     fn cat(parts: &[&[u8]]) -> Vec<u8> {
         parts.concat()
@@ -307,6 +309,18 @@ pub mod keys {
     /// All delegations of a subnet.
     pub fn delegation_prefix(subnet: SubnetId) -> Vec<u8> {
         cat(&[b"d/", &subnet.to_be_bytes()])
+    }
+    /// A chain validator, by bonding account.
+    pub fn chain_validator(a: &Address) -> Vec<u8> {
+        cat(&[CHAIN_VALIDATOR_PREFIX, &a.0])
+    }
+    /// Consensus-key index of chain validators (keys are unique).
+    pub fn consensus_key(k: &Address) -> Vec<u8> {
+        cat(&[b"ck/", &k.0])
+    }
+    /// The committee of a chain epoch, recorded when the epoch's first block runs.
+    pub fn committee(epoch: u64) -> Vec<u8> {
+        cat(&[b"ce/", &epoch.to_be_bytes()])
     }
     /// A subnet's current epoch: epoch number, validator, whether proposed.
     pub fn epoch(subnet: SubnetId) -> Vec<u8> {

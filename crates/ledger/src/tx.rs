@@ -111,6 +111,22 @@ pub enum Call {
         /// Subnet.
         subnet: SubnetId,
     },
+    /// Bond stake as a chain validator with a consensus key (the first bond
+    /// sets the key; later bonds add stake and must name the same key).
+    BondValidator {
+        /// The Ed25519 public key that signs this validator's consensus votes.
+        consensus_key: Address,
+        /// Amount to bond.
+        #[serde(with = "amount")]
+        amount: Amount,
+    },
+    /// Unbond chain-validator stake; it is claimable after the unbonding
+    /// period, and unbonding all of it removes the validator.
+    UnbondValidator {
+        /// Amount to unbond.
+        #[serde(with = "amount")]
+        amount: Amount,
+    },
 }
 
 impl Call {
@@ -251,6 +267,12 @@ impl Keypair {
     /// The account address (public key).
     pub fn address(&self) -> Address {
         Address(self.signing.verifying_key().to_bytes())
+    }
+
+    /// The 32-byte secret seed, for handing the same key to another
+    /// Ed25519 implementation (the consensus engine's).
+    pub fn secret_seed(&self) -> [u8; 32] {
+        self.signing.to_bytes()
     }
 
     /// Writes the key as JSON (`address`, `secret_key` hex), readable by the owner only.

@@ -336,6 +336,19 @@ pub struct EpochRecord {
     pub attestations: BTreeSet<NodeId>,
 }
 
+/// An account bonded as a chain (block-producing) validator.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChainValidator {
+    /// The bonding account; the bond returns to it through unbonding.
+    pub address: Address,
+    /// The Ed25519 key that signs consensus votes and identifies the node
+    /// on the validators' p2p network. Unique among validators.
+    pub consensus_key: Address,
+    /// Bonded stake; the committee is the top N by bond.
+    #[serde(with = "amount")]
+    pub bond: Amount,
+}
+
 /// A block header. `timestamp_ms` is informational only: the runtime never
 /// reads it, so no wall clock reaches consensus state.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -18,6 +18,7 @@ pub mod math;
 pub mod nodes;
 pub mod queries;
 pub mod subnets;
+pub mod validators;
 pub mod vaults;
 
 use serde::{Deserialize, Serialize};
@@ -107,6 +108,21 @@ impl Runtime {
                 },
             );
         }
+        for v in &genesis.validators {
+            issuance = issuance
+                .checked_add(v.bond)
+                .ok_or_else(|| LedgerError::Genesis("issuance overflows".into()))?;
+            validators::store(
+                &mut o,
+                &crate::types::ChainValidator {
+                    address: v.address,
+                    consensus_key: v.consensus_key,
+                    bond: v.bond,
+                },
+            );
+        }
+        let first = validators::top(&o, self.params.committee_size)?;
+        put_value(&mut o, keys::committee(0), &first);
         put_value(&mut o, keys::ISSUANCE.to_vec(), &issuance);
         put_value(&mut o, keys::PARAMS.to_vec(), &self.params);
         put_value(&mut o, keys::NEXT_SUBNET.to_vec(), &1u32);
@@ -127,6 +143,12 @@ impl Runtime {
         put_value(s, keys::RANDOMNESS.to_vec(), &acc);
         if ctx.height > 0 && ctx.height.is_multiple_of(self.params.epoch_length) {
             epochs::epoch_step(self, s, ctx)?;
+        }
+        if ctx.height > 0 && ctx.height.is_multiple_of(self.params.chain_epoch_blocks) {
+            // Before any transaction of the new chain epoch: the state is the
+            // one at the end of the previous epoch, which the engine also
+            // derived this committee from.
+            validators::record_committee(self, s, ctx.height / self.params.chain_epoch_blocks)?;
         }
         Ok(())
     }
@@ -224,6 +246,11 @@ impl Runtime {
                 epochs::propose(self, s, ctx, &signer, *subnet, scores)?
             }
             Call::Attest { subnet } => epochs::attest(self, s, ctx, &signer, *subnet)?,
+            Call::BondValidator {
+                consensus_key,
+                amount,
+            } => validators::bond(self, s, &signer, consensus_key, *amount)?,
+            Call::UnbondValidator { amount } => validators::unbond(self, s, ctx, &signer, *amount)?,
         }
 
         // Every included transaction feeds the election randomness.

@@ -21,6 +21,9 @@ pub fn audit_issuance(s: &(impl StateRead + ?Sized)) -> Result<IssuanceAudit, St
     for (_, n) in scan_values::<Node>(s, keys::NODE_PREFIX)? {
         sum(&mut a.stakes, n.stake);
     }
+    for (_, v) in scan_values::<crate::types::ChainValidator>(s, keys::CHAIN_VALIDATOR_PREFIX)? {
+        sum(&mut a.stakes, v.bond);
+    }
     for (_, v) in scan_values::<Vault>(s, keys::VAULT_PREFIX)? {
         sum(&mut a.vaults, v.total_stake);
     }
