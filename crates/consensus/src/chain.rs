@@ -401,6 +401,11 @@ impl Chain {
         Ok(accounts::account(&pool.pending, who)?.nonce)
     }
 
+    /// Up to `max` of the oldest pooled transactions.
+    pub fn pool_oldest(&self, max: usize) -> Vec<SignedTx> {
+        lock(&self.pool).txs.values().take(max).cloned().collect()
+    }
+
     /// Transactions waiting in the pool.
     pub fn pool_len(&self) -> usize {
         lock(&self.pool).txs.len()

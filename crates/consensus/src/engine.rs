@@ -242,6 +242,8 @@ const BUFFER: NonZeroUsize = match NonZeroUsize::new(64 * 1024) {
 
 /// Most transactions per gossip message.
 const GOSSIP_BATCH: usize = 256;
+/// How often still-pooled transactions are offered to peers again.
+const REGOSSIP_EVERY: Duration = Duration::from_secs(3);
 
 /// The runtime a validator needs.
 pub trait ValidatorRuntime:
@@ -492,6 +494,25 @@ where
 
     // Mempool gossip: local submissions out, peers' submissions in.
     let (mut pool_sender, mut pool_receiver) = channels.mempool;
+    {
+        // Gossip is best effort, so what is still pooled is offered again
+        // now and then: a lost message must not strand a transaction on a
+        // node that never proposes.
+        let chain = Arc::clone(&chain);
+        let mut sender = pool_sender.clone();
+        context.child("regossip").spawn(move |ctx| async move {
+            loop {
+                ctx.sleep(REGOSSIP_EVERY).await;
+                let txs = chain.pool_oldest(GOSSIP_BATCH);
+                if txs.is_empty() {
+                    continue;
+                }
+                if let Ok(bytes) = postcard::to_stdvec(&txs) {
+                    sender.send(Recipients::All, bytes, false);
+                }
+            }
+        });
+    }
     {
         let mut gossip = gossip;
         context.child("gossip_out").spawn(move |_| async move {

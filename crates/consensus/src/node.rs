@@ -133,8 +133,10 @@ async fn serve(
     );
     let (mut network, mut oracle) = lookup::Network::new(context.child("p2p"), p2p_cfg);
     oracle.track(0, directory);
+    // Per peer and channel. Each channel's inbound mailbox holds one burst
+    // per possible peer, so a generous quota costs memory up front.
     let quota =
-        Quota::per_second(std::num::NonZeroU32::new(100_000).unwrap_or(std::num::NonZeroU32::MIN));
+        Quota::per_second(std::num::NonZeroU32::new(1_000).unwrap_or(std::num::NonZeroU32::MIN));
     let channels = Channels {
         votes: network.register(channel::VOTES, quota),
         certificates: network.register(channel::CERTIFICATES, quota),
