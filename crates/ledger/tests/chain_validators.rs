@@ -87,11 +87,15 @@ fn bond_rules() {
         .unwrap_err();
     assert!(matches!(e, TxError::InvalidAmount(_)), "{e}");
     // Not an Ed25519 point.
+    let bad = (0..=255u8)
+        .map(|i| [i; 32])
+        .find(|b| ed25519_dalek::VerifyingKey::from_bytes(b).is_err())
+        .unwrap();
     let e = c
         .exec(
             &key(5),
             Call::BondValidator {
-                consensus_key: ledger::Address([0xff; 32]),
+                consensus_key: ledger::Address(bad),
                 amount: 5 * TOKEN,
             },
         )
