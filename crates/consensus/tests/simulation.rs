@@ -365,7 +365,8 @@ fn lossy_partition_run(seed: u64) -> Vec<Hash32> {
 #[test]
 fn four_validators_survive_loss_and_a_healed_partition() {
     let hashes = lossy_partition_run(7);
-    assert!(hashes.len() > 30);
+    // Genesis, 5 blocks, then 10 after healing and 10 more without validator 3.
+    assert!(hashes.len() >= 26, "{} blocks", hashes.len());
 }
 
 #[test]
