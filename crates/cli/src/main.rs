@@ -35,7 +35,8 @@ enum Command {
     /// Create and inspect account keys.
     #[command(subcommand)]
     Key(ledger_cli::KeyCmd),
-    /// Run the ledger chain (the embedded dev chain) or write a genesis file.
+    /// Run the ledger chain (dev chain or BFT validators), a localnet, a
+    /// genesis file, or the chain benchmark.
     #[command(subcommand)]
     Chain(ledger_cli::ChainCmd),
     /// Sign and submit a ledger transaction.

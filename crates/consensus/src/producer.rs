@@ -2,7 +2,6 @@
 //! server, wallet and queries work against a validator exactly as against
 //! the dev chain.
 
-use std::future::Future;
 use std::sync::Arc;
 
 use futures::channel::mpsc;
@@ -56,12 +55,9 @@ impl BlockProducer for BftProducer {
         self.chain.runtime()
     }
 
-    fn seal_now(&self) -> impl Future<Output = Result<Arc<Block>, LedgerError>> + Send {
-        async {
-            Err(LedgerError::Unsupported(
-                "blocks are produced by BFT consensus; sealing on demand is a dev-chain feature"
-                    .into(),
-            ))
-        }
+    async fn seal_now(&self) -> Result<Arc<Block>, LedgerError> {
+        Err(LedgerError::Unsupported(
+            "blocks are produced by BFT consensus; sealing on demand is a dev-chain feature".into(),
+        ))
     }
 }
