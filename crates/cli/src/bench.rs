@@ -19,6 +19,8 @@ use crate::local::ModelArgs;
 pub enum BenchCmd {
     /// Prompt and decode tokens/s of the local executor against candle-transformers' quantized_llama.
     Local(LocalBench),
+    /// Per-hop overhead of one inference step through a server on loopback.
+    Hop(crate::bench_hop::HopBench),
     /// Resident memory of a process holding a 10-block span, the whole model, and nothing.
     Memory(MemoryBench),
     /// One memory probe (run by `bench memory` in a child process).
@@ -30,6 +32,7 @@ impl BenchCmd {
     pub fn run(self) -> Result<()> {
         match self {
             Self::Local(b) => b.run(),
+            Self::Hop(b) => b.run(),
             Self::Memory(b) => b.run(),
             Self::RssProbe(p) => p.run(),
         }
@@ -119,7 +122,7 @@ impl Engine for CandleLlama {
     }
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
 }

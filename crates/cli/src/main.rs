@@ -2,8 +2,10 @@
 //! the crates that do the work; nothing here computes anything itself.
 
 mod bench;
+mod bench_hop;
 mod ledger_cli;
 mod local;
+mod swarm_cli;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -29,6 +31,10 @@ enum Command {
     Generate(local::GenerateArgs),
     /// Chat interactively with a model, streaming each answer.
     Chat(local::ChatArgs),
+    /// Create a peer identity key file (prints its peer id).
+    Keygen(swarm_cli::KeygenArgs),
+    /// Serve a span of a model's blocks to the swarm.
+    Serve(swarm_cli::ServeArgs),
     /// Measure speed and memory.
     #[command(subcommand)]
     Bench(bench::BenchCmd),
@@ -64,6 +70,8 @@ fn main() -> Result<()> {
         Command::Model(cmd) => cmd.run(),
         Command::Generate(args) => args.run(),
         Command::Chat(args) => args.run(),
+        Command::Keygen(args) => args.run(),
+        Command::Serve(args) => args.run(),
         Command::Bench(cmd) => cmd.run(),
         Command::Key(cmd) => cmd.run(),
         Command::Chain(cmd) => cmd.run(),

@@ -166,6 +166,18 @@ impl Checkpoint {
         &self.path
     }
 
+    /// How the block weights are stored, e.g. `Q4_1` or `safetensors`: what
+    /// servers announce as their quantization.
+    pub fn weight_format(&self) -> String {
+        match &self.format {
+            Format::Gguf(content) => content
+                .tensor_infos
+                .get("blk.0.attn_q.weight")
+                .map_or_else(|| "gguf".to_string(), |t| format!("{:?}", t.ggml_dtype)),
+            Format::Safetensors(_) => "safetensors".to_string(),
+        }
+    }
+
     /// The model's hyper-parameters.
     pub fn config(&self) -> &ModelConfig {
         &self.config

@@ -58,6 +58,9 @@ pub enum ModelError {
         /// Blocks in the model.
         num_blocks: usize,
     },
+    /// An operation this model's representation cannot do.
+    #[error("unsupported: {0}")]
+    Unsupported(String),
     /// An input tensor whose shape does not fit the operation.
     #[error("bad input shape: {0}")]
     InputShape(String),

@@ -55,9 +55,9 @@ impl KvCache {
         }
         let capacity = self.k.as_ref().map_or(0, |k| k.dim(2).unwrap_or(0));
         if new_len > capacity {
-            let grown = new_len
-                .next_power_of_two()
-                .clamp(16, self.max_len.max(new_len));
+            // Double (at least 16 positions) but never past the session's limit,
+            // which may itself be below 16.
+            let grown = new_len.next_power_of_two().max(16).min(self.max_len);
             let fresh = |old: &Option<Tensor>| -> Result<Tensor> {
                 let buf = Tensor::zeros((b, h, grown, d), k.dtype(), k.device())?;
                 if let Some(old) = old

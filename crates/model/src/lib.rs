@@ -20,6 +20,7 @@ pub mod llama;
 pub mod package;
 pub mod quant;
 pub mod sampling;
+pub mod testing;
 pub mod tokenizer;
 
 pub use chat::{ChatMessage, ChatTemplate};

@@ -96,11 +96,19 @@ impl Linear {
         }
     }
 
+    /// Whether gradients flow back through [`forward`](Self::forward):
+    /// candle's quantized kernels do not provide them.
+    pub fn supports_backward(&self) -> bool {
+        !matches!(self, Self::Candle(_))
+    }
+
     /// Applies the layer to `x` of shape `[..., in_features]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(match self {
-            Self::Quant(m) => x.contiguous()?.apply_op1_no_bwd(&QuantMatmul {
-                matrix: m,
+            // `apply_op1` records the op only when `x` takes part in a
+            // gradient computation, so inference pays nothing for `bwd`.
+            Self::Quant(m) => x.contiguous()?.apply_op1(QuantMatmul {
+                matrix: m.clone(),
                 kernel: Kernel::detect(),
             })?,
             Self::Dense(w) => x.broadcast_matmul(&w.t()?)?,
@@ -110,12 +118,12 @@ impl Linear {
 }
 
 /// candle custom op that hands contiguous f32 activations to [`QuantMatrix::matmul`].
-struct QuantMatmul<'a> {
-    matrix: &'a QuantMatrix,
+struct QuantMatmul {
+    matrix: Arc<QuantMatrix>,
     kernel: Kernel,
 }
 
-impl CustomOp1 for QuantMatmul<'_> {
+impl CustomOp1 for QuantMatmul {
     fn name(&self) -> &'static str {
         "quant-matmul-f32"
     }
@@ -146,6 +154,22 @@ impl CustomOp1 for QuantMatmul<'_> {
             *last = self.matrix.rows();
         }
         Ok((CpuStorage::F32(out), Shape::from(out_dims)))
+    }
+
+    /// Gradient with respect to the activations: `grad_x = grad_y W`, with the
+    /// weight expanded to f32 (weights themselves are frozen).
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let w = Tensor::from_vec(
+            self.matrix.dequantize(),
+            (self.matrix.rows(), self.matrix.cols()),
+            arg.device(),
+        )?;
+        Ok(Some(grad_res.broadcast_matmul(&w)?))
     }
 }
 
@@ -214,6 +238,14 @@ impl FusedLinear {
                 Ok(outs)
             }
             Self::Separate(ls) => ls.iter().map(|l| l.forward(x)).collect(),
+        }
+    }
+
+    /// Whether gradients flow back through every part.
+    pub fn supports_backward(&self) -> bool {
+        match self {
+            Self::Stacked(l, _) => l.supports_backward(),
+            Self::Separate(parts) => parts.iter().all(Linear::supports_backward),
         }
     }
 

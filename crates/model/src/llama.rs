@@ -5,7 +5,7 @@
 use std::ops::Range;
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{D, DType, Device, Tensor, Var};
 use candle_nn::{ops, rotary_emb};
 
 use crate::config::{ModelConfig, RopeStyle};
@@ -128,6 +128,18 @@ pub struct SpanCache {
 }
 
 impl SpanCache {
+    /// An empty cache for a run of `blocks` blocks, up to `max_len` positions.
+    pub fn new(blocks: usize, max_len: usize) -> Self {
+        Self {
+            layers: (0..blocks).map(|_| KvCache::new(max_len)).collect(),
+        }
+    }
+
+    /// Blocks the cache is for.
+    pub fn blocks(&self) -> usize {
+        self.layers.len()
+    }
+
     /// Positions already processed.
     pub fn len(&self) -> usize {
         self.layers.first().map_or(0, KvCache::len)
@@ -185,36 +197,30 @@ impl BlockSpan {
 
     /// A fresh session cache allowing up to `max_len` positions.
     pub fn new_cache(&self, max_len: usize) -> SpanCache {
-        SpanCache {
-            layers: (0..self.blocks.len())
-                .map(|_| KvCache::new(max_len))
-                .collect(),
-        }
+        SpanCache::new(self.blocks.len(), max_len)
     }
 
     /// Runs the span over new positions `hidden` (`[batch, T, hidden]`),
     /// appending their keys and values to `cache`, and returns the span's output.
     pub fn forward(&self, hidden: &Tensor, cache: &mut SpanCache) -> Result<Tensor> {
+        self.forward_range(self.range(), hidden, cache)
+    }
+
+    /// Like [`forward`](Self::forward) for blocks `blocks` (absolute indices,
+    /// within [`range`](Self::range)) only; `cache` must be for that many blocks.
+    pub fn forward_range(
+        &self,
+        blocks: Range<usize>,
+        hidden: &Tensor,
+        cache: &mut SpanCache,
+    ) -> Result<Tensor> {
         let c = &self.config;
-        let (_, t, width) = hidden.dims3().map_err(|_| {
-            ModelError::InputShape(format!(
-                "hidden states must be [batch, tokens, {}], got {:?}",
-                c.hidden_size,
-                hidden.dims()
-            ))
-        })?;
-        if width != c.hidden_size || t == 0 {
+        let (_, t) = self.check_input(&blocks, hidden)?;
+        if cache.layers.len() != blocks.len() {
             return Err(ModelError::InputShape(format!(
-                "hidden states must be [batch, tokens>0, {}], got {:?}",
-                c.hidden_size,
-                hidden.dims()
-            )));
-        }
-        if cache.layers.len() != self.blocks.len() {
-            return Err(ModelError::InputShape(format!(
-                "cache has {} layers, span has {}",
+                "cache has {} layers, the run has {} blocks",
                 cache.layers.len(),
-                self.blocks.len()
+                blocks.len()
             )));
         }
         let pos = cache.len();
@@ -227,84 +233,276 @@ impl BlockSpan {
         let hidden = hidden.to_dtype(DType::F32)?.to_device(&self.device)?;
         let (cos, sin) = rope_tables(c, pos, t, &self.device)?;
         let mask = causal_mask(pos, t, &self.device)?;
+        let weights = &self.blocks[blocks.start - self.range.start..blocks.end - self.range.start];
         // Run the blocks on a worker of the compute pool: the kernels' parallel
         // loops then fork from a worker (cheap) instead of parking this thread
         // and waking the pool once per matrix (a context switch each time).
         rayon::scope(|_| {
             let mut x = hidden;
-            for (block, kv) in self.blocks.iter().zip(cache.layers.iter_mut()) {
-                x = self.block_forward(block, &x, &cos, &sin, mask.as_ref(), kv)?;
+            for (block, kv) in weights.iter().zip(cache.layers.iter_mut()) {
+                let mut part = Attend {
+                    cos: cos.clone(),
+                    sin: sin.clone(),
+                    mask: mask.clone(),
+                    kv: Some(kv),
+                };
+                x = self.block_forward(block, &x, std::slice::from_mut(&mut part))?;
             }
             Ok(x)
         })
+    }
+
+    /// One new position for each of several independent sessions (batch 1
+    /// each) through blocks `blocks`, as one batched pass: the projections
+    /// and MLPs read each weight once for all sessions, attention runs per
+    /// session. Equivalent to calling [`forward_range`](Self::forward_range)
+    /// for each; the caches must each be for `blocks.len()` blocks.
+    pub fn forward_batch(
+        &self,
+        blocks: Range<usize>,
+        hidden: &[Tensor],
+        caches: &mut [SpanCache],
+    ) -> Result<Vec<Tensor>> {
+        let c = &self.config;
+        if hidden.len() != caches.len() || hidden.is_empty() {
+            return Err(ModelError::InputShape(format!(
+                "{} inputs for {} caches",
+                hidden.len(),
+                caches.len()
+            )));
+        }
+        for (x, cache) in hidden.iter().zip(caches.iter()) {
+            let dims = self.check_input(&blocks, x)?;
+            if dims != (1, 1) || cache.layers.len() != blocks.len() {
+                return Err(ModelError::InputShape(format!(
+                    "batched steps take [1, 1, {}] inputs and {}-block caches, got {:?} and {}",
+                    c.hidden_size,
+                    blocks.len(),
+                    x.dims(),
+                    cache.layers.len()
+                )));
+            }
+            if cache.len() + 1 > c.max_position_embeddings {
+                return Err(ModelError::ContextTooLong {
+                    requested: cache.len() + 1,
+                    limit: c.max_position_embeddings,
+                });
+            }
+        }
+        let tables = caches
+            .iter()
+            .map(|cache| rope_tables(c, cache.len(), 1, &self.device))
+            .collect::<Result<Vec<_>>>()?;
+        let rows = hidden
+            .iter()
+            .map(|x| x.to_dtype(DType::F32)?.to_device(&self.device))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let weights = &self.blocks[blocks.start - self.range.start..blocks.end - self.range.start];
+        let x = rayon::scope(|_| -> Result<Tensor> {
+            let mut x = Tensor::cat(&rows, 0)?;
+            for (j, block) in weights.iter().enumerate() {
+                let mut parts: Vec<Attend<'_>> = caches
+                    .iter_mut()
+                    .zip(&tables)
+                    .map(|(cache, (cos, sin))| Attend {
+                        cos: cos.clone(),
+                        sin: sin.clone(),
+                        mask: None,
+                        kv: Some(&mut cache.layers[j]),
+                    })
+                    .collect();
+                x = self.block_forward(block, &x, &mut parts)?;
+            }
+            Ok(x)
+        })?;
+        (0..hidden.len()).map(|i| Ok(x.narrow(0, i, 1)?)).collect()
+    }
+
+    /// Gradient of `sum(output * grad_output)` with respect to `hidden`, for a
+    /// full sequence (no cache) through blocks `blocks`: what a client needs
+    /// to train parameters that sit before these blocks (prompts, adapters).
+    /// Weights are frozen.
+    pub fn backward_range(
+        &self,
+        blocks: Range<usize>,
+        hidden: &Tensor,
+        grad_output: &Tensor,
+    ) -> Result<Tensor> {
+        let c = &self.config;
+        let (_, t) = self.check_input(&blocks, hidden)?;
+        if grad_output.dims() != hidden.dims() {
+            return Err(ModelError::InputShape(format!(
+                "grad_output {:?} must match hidden states {:?}",
+                grad_output.dims(),
+                hidden.dims()
+            )));
+        }
+        if t > c.max_position_embeddings {
+            return Err(ModelError::ContextTooLong {
+                requested: t,
+                limit: c.max_position_embeddings,
+            });
+        }
+        let weights = &self.blocks[blocks.start - self.range.start..blocks.end - self.range.start];
+        if !weights
+            .iter()
+            .all(|w| w.qkv.supports_backward() && w.gate_up.supports_backward())
+            || !weights
+                .iter()
+                .all(|w| w.o.supports_backward() && w.down.supports_backward())
+        {
+            return Err(ModelError::Unsupported(
+                "backward needs f32-activation weights (not --q8)".into(),
+            ));
+        }
+        let x = Var::from_tensor(&hidden.to_dtype(DType::F32)?.to_device(&self.device)?)?;
+        let (cos, sin) = rope_tables(c, 0, t, &self.device)?;
+        let mask = causal_mask(0, t, &self.device)?;
+        let mut h = x.as_tensor().clone();
+        for block in weights {
+            let mut part = Attend {
+                cos: cos.clone(),
+                sin: sin.clone(),
+                mask: mask.clone(),
+                kv: None,
+            };
+            h = self.block_forward(block, &h, std::slice::from_mut(&mut part))?;
+        }
+        let grad_output = grad_output.to_dtype(DType::F32)?.to_device(&self.device)?;
+        let grads = (h * grad_output)?.sum_all()?.backward()?;
+        grads
+            .get(x.as_tensor())
+            .cloned()
+            .ok_or_else(|| ModelError::Unsupported("no gradient reached the inputs".into()))
+    }
+
+    /// Checks a run's blocks and its `[batch, T, hidden]` input; returns `(batch, T)`.
+    fn check_input(&self, blocks: &Range<usize>, hidden: &Tensor) -> Result<(usize, usize)> {
+        let c = &self.config;
+        if blocks.start < self.range.start || blocks.end > self.range.end || blocks.is_empty() {
+            return Err(ModelError::InputShape(format!(
+                "blocks {blocks:?} are not within the span {:?}",
+                self.range
+            )));
+        }
+        let (b, t, width) = hidden.dims3().map_err(|_| {
+            ModelError::InputShape(format!(
+                "hidden states must be [batch, tokens, {}], got {:?}",
+                c.hidden_size,
+                hidden.dims()
+            ))
+        })?;
+        if width != c.hidden_size || t == 0 || b == 0 {
+            return Err(ModelError::InputShape(format!(
+                "hidden states must be [batch>0, tokens>0, {}], got {:?}",
+                c.hidden_size,
+                hidden.dims()
+            )));
+        }
+        Ok((b, t))
     }
 
     fn block_forward(
         &self,
         w: &BlockWeights,
         x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        mask: Option<&Tensor>,
-        kv: &mut KvCache,
+        parts: &mut [Attend<'_>],
     ) -> Result<Tensor> {
-        let c = &self.config;
-        let eps = c.rms_norm_eps as f32;
-        let h = ops::rms_norm(x, &w.attn_norm, eps)?;
-        let x = (x + self.attention(w, &h, cos, sin, mask, kv)?)?;
-        let h = ops::rms_norm(&x, &w.ffn_norm, eps)?;
+        let eps = self.config.rms_norm_eps as f32;
+        // Without a cache this is the training path: candle's fused norm, rope
+        // and softmax have no backward, their compositions do.
+        let differentiable = parts.iter().any(|p| p.kv.is_none());
+        let norm = |x: &Tensor, w: &Tensor| -> Result<Tensor> {
+            Ok(if differentiable {
+                ops::rms_norm_slow(x, w, eps)?
+            } else {
+                ops::rms_norm(x, w, eps)?
+            })
+        };
+        let h = norm(x, &w.attn_norm)?;
+        let [q, k, v] = split(w.qkv.forward(&h)?)?;
+        let y = match parts {
+            [one] => self.attend(&q, &k, &v, one)?,
+            // Independent sessions, one row each: projections ran batched,
+            // attention runs per session against its own cache.
+            many => {
+                let ys = many
+                    .iter_mut()
+                    .enumerate()
+                    .map(|(i, p)| {
+                        let row = |t: &Tensor| t.narrow(0, i, 1);
+                        self.attend(&row(&q)?, &row(&k)?, &row(&v)?, p)
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                Tensor::cat(&ys, 0)?
+            }
+        };
+        let x = (x + w.o.forward(&y)?)?;
+        let h = norm(&x, &w.ffn_norm)?;
         let [gate, up] = split(w.gate_up.forward(&h)?)?;
         let mlp = w.down.forward(&(ops::silu(&gate)? * up)?)?;
         Ok((x + mlp)?)
     }
 
-    fn attention(
-        &self,
-        w: &BlockWeights,
-        x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        mask: Option<&Tensor>,
-        kv: &mut KvCache,
-    ) -> Result<Tensor> {
+    /// Attention of projected `q`, `k`, `v` (`[b, t, heads * head_dim]`) for
+    /// one session, appending to its cache; returns `[b, t, heads * head_dim]`.
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, p: &mut Attend<'_>) -> Result<Tensor> {
         let c = &self.config;
-        let (b, t, _) = x.dims3()?;
+        let differentiable = p.kv.is_none();
+        let (b, t, _) = q.dims3()?;
         let (h, kvh, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
         let heads = |y: &Tensor, n: usize| -> Result<Tensor> {
             Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
         };
-        let [q, k, v] = split(w.qkv.forward(x)?)?;
         let rope = |t: &Tensor| -> Result<Tensor> {
-            Ok(match c.rope_style {
-                RopeStyle::Interleaved => rotary_emb::rope_i(t, cos, sin)?,
-                RopeStyle::Halves => rotary_emb::rope(t, cos, sin)?,
+            let (cos, sin) = (&p.cos, &p.sin);
+            Ok(match (c.rope_style, differentiable) {
+                (RopeStyle::Interleaved, false) => rotary_emb::rope_i(t, cos, sin)?,
+                (RopeStyle::Interleaved, true) => rotary_emb::rope_i_slow(t, cos, sin)?,
+                (RopeStyle::Halves, false) => rotary_emb::rope(t, cos, sin)?,
+                (RopeStyle::Halves, true) => rotary_emb::rope_slow(t, cos, sin)?,
             })
         };
-        let q = rope(&heads(&q, h)?)?;
-        let k = rope(&heads(&k, kvh)?)?;
-        let v = heads(&v, kvh)?;
-        let (k, v) = kv.append(&k, &v)?;
+        let q = rope(&heads(q, h)?)?;
+        let k = rope(&heads(k, kvh)?)?;
+        let v = heads(v, kvh)?;
+        let (k, v) = match p.kv.as_deref_mut() {
+            Some(kv) => kv.append(&k, &v)?,
+            None => (k, v),
+        };
         let s = k.dim(2)?;
         // Grouped-query attention without copying keys: query heads that share
         // a key/value head are stacked along the token axis.
         let g = h / kvh;
         let q = q.reshape((b, kvh, g * t, hd))?;
         let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
-        let scores = match mask {
+        let scores = match &p.mask {
             Some(m) => scores
                 .reshape((b, kvh, g, t, s))?
                 .broadcast_add(m)?
                 .reshape((b, kvh, g * t, s))?,
             None => scores,
         };
-        let probs = ops::softmax_last_dim(&scores)?;
-        let y = probs
+        let probs = if differentiable {
+            ops::softmax(&scores, D::Minus1)?
+        } else {
+            ops::softmax_last_dim(&scores)?
+        };
+        Ok(probs
             .matmul(&v)?
             .reshape((b, h, t, hd))?
             .transpose(1, 2)?
-            .reshape((b, t, h * hd))?;
-        w.o.forward(&y)
+            .reshape((b, t, h * hd))?)
     }
+}
+
+/// One session's part of a block's attention: its rotary tables and mask for
+/// its new positions, and its cache (`None` on the training path).
+struct Attend<'a> {
+    cos: Tensor,
+    sin: Tensor,
+    mask: Option<Tensor>,
+    kv: Option<&'a mut KvCache>,
 }
 
 /// The outputs of a fused projection as a fixed-size array.

@@ -6,7 +6,7 @@ mod common;
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use common::*;
-use model::{Checkpoint, LoadOptions, ModelError, RopeStyle};
+use model::{Checkpoint, LoadOptions, ModelError, RopeStyle, SpanCache};
 
 fn ids() -> Vec<u32> {
     vec![3, 17, 99, 4, 56, 120, 7, 64, 1, 0, 33]
@@ -248,4 +248,137 @@ fn bad_runtime_inputs_are_refused_without_damage() {
             .unwrap_err();
         assert!(matches!(err, ModelError::InvalidSpan { .. }), "{err}");
     }
+}
+
+#[test]
+fn sub_ranges_run_inside_a_span() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = Checkpoint::open(write_gguf(dir.path(), GgmlDType::Q4_0, "llama")).unwrap();
+    let opts = LoadOptions::default();
+    let emb = ckpt.load_embedding(&opts).unwrap();
+    let whole = ckpt.load_span(0..BLOCKS, &opts, &mut |_, _| {}).unwrap();
+    let part = ckpt.load_span(1..3, &opts, &mut |_, _| {}).unwrap();
+    let x = emb.forward(&ids()).unwrap();
+    let want = part.forward(&x, &mut part.new_cache(MAX_POS)).unwrap();
+    let got = whole
+        .forward_range(1..3, &x, &mut SpanCache::new(2, MAX_POS))
+        .unwrap();
+    assert!(max_diff(&got, &want) < 1e-6);
+    // Outside the span, or a cache for another number of blocks: refused.
+    assert!(
+        part.forward_range(0..2, &x, &mut SpanCache::new(2, MAX_POS))
+            .is_err()
+    );
+    assert!(
+        whole
+            .forward_range(1..3, &x, &mut SpanCache::new(3, MAX_POS))
+            .is_err()
+    );
+}
+
+/// The input gradient matches central finite differences of
+/// `sum(output * g)` along a random direction.
+#[test]
+fn backward_matches_finite_differences() {
+    let dir = tempfile::tempdir().unwrap();
+    for path in [
+        write_gguf(dir.path(), GgmlDType::Q4_1, "llama"),
+        write_hf(dir.path(), "llama"),
+    ] {
+        let ckpt = Checkpoint::open(&path).unwrap();
+        let opts = LoadOptions::default();
+        let emb = ckpt.load_embedding(&opts).unwrap();
+        let span = ckpt.load_span(0..BLOCKS, &opts, &mut |_, _| {}).unwrap();
+        let x = emb.forward(&ids()).unwrap();
+        let g = seeded(x.dims(), 1);
+        let d = seeded(x.dims(), 2);
+        let grad = span.backward_range(span.range(), &x, &g).unwrap();
+        assert_eq!(grad.dims(), x.dims());
+        let loss = |x: &Tensor| -> f64 {
+            let y = span.forward(x, &mut span.new_cache(MAX_POS)).unwrap();
+            let y = y.to_dtype(candle_core::DType::F64).unwrap();
+            let g = g.to_dtype(candle_core::DType::F64).unwrap();
+            (y * g)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+        };
+        // Central differences, Richardson-extrapolated: the O(eps^2) error of
+        // a single difference is large on this deliberately nonlinear model.
+        let central = |eps: f64| {
+            let plus = loss(&(&x + (&d * eps).unwrap()).unwrap());
+            let minus = loss(&(&x - (&d * eps).unwrap()).unwrap());
+            (plus - minus) / (2.0 * eps)
+        };
+        let numeric = (4.0 * central(5e-3) - central(1e-2)) / 3.0;
+        let analytic = (grad.to_dtype(candle_core::DType::F64).unwrap()
+            * d.to_dtype(candle_core::DType::F64).unwrap())
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
+        let rel = (numeric - analytic).abs() / numeric.abs().max(1e-3);
+        assert!(
+            rel < 1e-2,
+            "{}: numeric {numeric} analytic {analytic}",
+            path.display()
+        );
+        // Mismatched gradient shape: refused.
+        let bad = Tensor::zeros((1, 2, 3), candle_core::DType::F32, &Device::Cpu).unwrap();
+        assert!(span.backward_range(span.range(), &x, &bad).is_err());
+    }
+}
+
+/// Batched decode steps of sessions at different positions equal stepping
+/// each session alone, and leave each cache as stepping alone would.
+#[test]
+fn batched_steps_equal_separate_steps() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = Checkpoint::open(write_gguf(dir.path(), GgmlDType::Q4_1, "llama")).unwrap();
+    let opts = LoadOptions::default();
+    let emb = ckpt.load_embedding(&opts).unwrap();
+    let span = ckpt.load_span(0..BLOCKS, &opts, &mut |_, _| {}).unwrap();
+    let prompts: [&[u32]; 3] = [&[1, 2, 3], &[9], &[4, 5, 6, 7, 8]];
+    // Caches below 16 positions are allowed too.
+    let mut alone: Vec<SpanCache> = (0..3).map(|_| SpanCache::new(BLOCKS, 7)).collect();
+    for (p, c) in prompts.iter().zip(&mut alone) {
+        span.forward(&emb.forward(p).unwrap(), c).unwrap();
+    }
+    let mut batched = alone.clone();
+    let next: Vec<Tensor> = [10u32, 11, 12]
+        .iter()
+        .map(|&t| emb.forward(&[t]).unwrap())
+        .collect();
+    let want: Vec<Tensor> = next
+        .iter()
+        .zip(&mut alone)
+        .map(|(x, c)| span.forward(x, c).unwrap())
+        .collect();
+    let got = span.forward_batch(0..BLOCKS, &next, &mut batched).unwrap();
+    for (g, w) in got.iter().zip(&want) {
+        assert!(max_diff(g, w) < 1e-5, "{}", max_diff(g, w));
+    }
+    // The caches continue identically.
+    let after = emb.forward(&[13]).unwrap();
+    for (a, b) in alone.iter_mut().zip(&mut batched) {
+        let x = span.forward(&after, a).unwrap();
+        let y = span.forward(&after, b).unwrap();
+        assert!(max_diff(&x, &y) < 1e-5);
+    }
+    assert!(
+        span.forward_batch(0..BLOCKS, &next[..2], &mut batched)
+            .is_err()
+    );
+}
+
+/// Deterministic normal-ish values of shape `dims`.
+fn seeded(dims: &[usize], seed: u64) -> Tensor {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let n: usize = dims.iter().product();
+    let v: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+    Tensor::from_vec(v, dims, &Device::Cpu).unwrap()
 }

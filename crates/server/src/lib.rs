@@ -1,4 +1,26 @@
 //! The block server: hosts a span of a model's blocks from the `model` crate
 //! and serves it to clients over `p2p`.
 //!
-//! Empty until the swarm issue.
+//! [`Server::start`] measures the machine's [throughput], picks its blocks
+//! ([`placement`]), announces itself in the DHT, and answers inference
+//! streams, one state machine per stream ([`session`]), within the [`Limits`]
+//! and the KV-cache [`budget`]. With an automatic span it keeps checking
+//! whether the swarm needs its blocks elsewhere.
+//!
+//! Neighbours: `model` (compute) and `wire` below, `p2p` beside; the `cli`
+//! wires it up as `hypertensor serve`.
+
+pub mod budget;
+pub mod config;
+pub mod error;
+pub mod placement;
+pub mod throughput;
+
+mod compute;
+mod server;
+mod session;
+mod state;
+
+pub use config::{Limits, ServerConfig, SpanChoice};
+pub use error::ServerError;
+pub use server::Server;

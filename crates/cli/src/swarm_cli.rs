@@ -1,0 +1,178 @@
+//! `hypertensor keygen` and `hypertensor serve`: a peer's identity and the
+//! block server.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use p2p::{Multiaddr, Node, NodeConfig, NodeHandle};
+use server::{Server, ServerConfig, SpanChoice};
+
+/// Options every swarm peer shares.
+#[derive(Debug, Args)]
+pub struct PeerArgs {
+    /// Ed25519 identity key file; created on first use. Default: a file in
+    /// the cache directory, so the peer id survives restarts.
+    #[arg(long)]
+    pub identity: Option<PathBuf>,
+    /// Peers to join through, e.g. /ip4/1.2.3.4/tcp/31337/p2p/12D3Koo...
+    #[arg(long, num_args = 1..)]
+    pub initial_peers: Vec<Multiaddr>,
+    /// Start a new swarm (the first peer has no one to join).
+    #[arg(long)]
+    pub new_swarm: bool,
+    /// Addresses to listen on (default: TCP and QUIC on all interfaces,
+    /// OS-assigned ports).
+    #[arg(long, num_args = 1..)]
+    pub listen: Vec<Multiaddr>,
+    /// Private swarm: a pre-shared key file (go-ipfs swarm.key format);
+    /// only peers with the same key can connect.
+    #[arg(long)]
+    pub swarm_key: Option<PathBuf>,
+    /// Do not relay traffic for peers behind NAT.
+    #[arg(long)]
+    pub no_relay: bool,
+}
+
+impl PeerArgs {
+    /// Starts the p2p node these options describe.
+    pub async fn start(&self, default_identity: &str) -> Result<NodeHandle> {
+        let path = match &self.identity {
+            Some(p) => p.clone(),
+            None => model::cache_dir().join(default_identity),
+        };
+        let key = p2p::identity::load_or_generate(&path)?;
+        let mut config = NodeConfig {
+            initial_peers: self.initial_peers.clone(),
+            new_swarm: self.new_swarm,
+            relay_server: !self.no_relay,
+            ..NodeConfig::default()
+        };
+        if !self.listen.is_empty() {
+            config.listen = self.listen.clone();
+        }
+        if let Some(file) = &self.swarm_key {
+            let text = std::fs::read_to_string(file)
+                .with_context(|| format!("reading swarm key {}", file.display()))?;
+            config.psk = Some(p2p::parse_psk(&text)?);
+        }
+        Ok(Node::start(key, config).await?)
+    }
+}
+
+/// Create a peer identity key file.
+#[derive(Debug, Args)]
+pub struct KeygenArgs {
+    /// Where to write the key (refuses to overwrite).
+    #[arg(long, short)]
+    pub out: PathBuf,
+}
+
+impl KeygenArgs {
+    pub fn run(self) -> Result<()> {
+        let key = p2p::identity::generate(&self.out)?;
+        println!("{}", key.public().to_peer_id());
+        Ok(())
+    }
+}
+
+/// Serve a span of a model's blocks to the swarm.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub peer: PeerArgs,
+    /// `default`, a .gguf file, or a Hugging Face folder.
+    #[arg(long, default_value = "default")]
+    pub model: String,
+    /// The model's id in the swarm (default: the checkpoint's file name
+    /// without extension).
+    #[arg(long)]
+    pub model_id: Option<String>,
+    /// Blocks to serve, START:END (END exclusive); fixed, never rebalanced.
+    #[arg(long, conflicts_with = "num_blocks")]
+    pub blocks: Option<String>,
+    /// Serve this many blocks where the swarm needs them, and move when it
+    /// needs them elsewhere.
+    #[arg(long)]
+    pub num_blocks: Option<u32>,
+    /// Longest session, in positions.
+    #[arg(long, default_value_t = 2048)]
+    pub max_length: u32,
+    /// KV-cache budget in positions, over all sessions.
+    #[arg(long, default_value_t = 65536)]
+    pub cache_tokens: u64,
+    /// Seconds between DHT announcements.
+    #[arg(long, default_value_t = 30)]
+    pub announce_period: u64,
+    /// Link capacity for the network throughput estimate, Mbit/s.
+    #[arg(long, default_value_t = 100.0)]
+    pub bandwidth_mbps: f64,
+    /// Compute threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+/// Parses `START:END`.
+fn parse_blocks(s: &str) -> Result<(u32, u32)> {
+    let (a, b) = s
+        .split_once(':')
+        .with_context(|| format!("--blocks takes START:END, got {s:?}"))?;
+    let (a, b) = (a.trim().parse()?, b.trim().parse()?);
+    if a >= b {
+        bail!("--blocks {s}: START must be below END");
+    }
+    Ok((a, b))
+}
+
+impl ServeArgs {
+    pub fn run(self) -> Result<()> {
+        if let Some(n) = self.threads {
+            // SAFETY: no other thread exists yet; rayon reads it at start.
+            unsafe { std::env::set_var("RAYON_NUM_THREADS", n.to_string()) };
+        }
+        let span = match (&self.blocks, self.num_blocks) {
+            (Some(b), _) => {
+                let (a, b) = parse_blocks(b)?;
+                SpanChoice::Fixed(a, b)
+            }
+            (None, Some(n)) if n > 0 => SpanChoice::Auto(n),
+            (None, Some(_)) => bail!("--num-blocks must be at least 1"),
+            (None, None) => bail!("give --blocks START:END or --num-blocks N"),
+        };
+        let path = model::resolve_model(&self.model)?;
+        let model_id = match &self.model_id {
+            Some(id) => id.clone(),
+            None => path
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .context("cannot derive a model id from the path; pass --model-id")?,
+        };
+        let mut config = ServerConfig::new(model_id, path, span);
+        config.limits.max_length = self.max_length;
+        config.limits.cache_tokens = self.cache_tokens;
+        config.announce_period = Duration::from_secs(self.announce_period.max(1));
+        config.bandwidth_mbps = self.bandwidth_mbps;
+        config.throughput_cache = Some(model::cache_dir().join("throughput.json"));
+        let runtime = tokio::runtime::Runtime::new()?;
+        runtime.block_on(async move {
+            let node = self.peer.start("server.key").await?;
+            let server = Server::start(config, node.clone()).await?;
+            let info = server.info();
+            println!(
+                "serving blocks {} of {} as {}",
+                info.span,
+                info.model,
+                node.peer_id()
+            );
+            for addr in node.dialable_addrs() {
+                println!("listening on {addr}");
+            }
+            tokio::signal::ctrl_c().await?;
+            eprintln!("shutting down");
+            server.shutdown().await;
+            node.shutdown().await;
+            Ok(())
+        })
+    }
+}

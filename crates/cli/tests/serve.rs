@@ -1,0 +1,173 @@
+//! `hypertensor keygen` and `hypertensor serve` as real processes on
+//! 127.0.0.1: two servers, one with fixed blocks and one placed by the swarm,
+//! together cover a tiny model; a clean Ctrl-C announces Offline.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use candle_core::quantized::GgmlDType;
+use p2p::{Keypair, Multiaddr, Node, NodeConfig};
+use wire::ServerState;
+
+fn hypertensor(cache: &Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_hypertensor"));
+    c.env("HYPERTENSOR_CACHE", cache).env("RUST_BACKTRACE", "0");
+    c
+}
+
+/// Kills the process if the test fails before it ends it.
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `serve` and reads its announced span and first TCP address.
+fn serve(cache: &Path, args: &[&str]) -> (Killed, String, Multiaddr) {
+    let mut child = hypertensor(cache)
+        .arg("serve")
+        .args(["--listen", "/ip4/127.0.0.1/tcp/0", "--announce-period", "1"])
+        .args(args)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let serving = lines.next().unwrap().unwrap();
+    let addr = lines.next().unwrap().unwrap();
+    let addr = addr.strip_prefix("listening on ").unwrap().parse().unwrap();
+    (Killed(child), serving, addr)
+}
+
+#[test]
+fn keygen_writes_a_persistent_identity() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("id.key");
+    let out = hypertensor(dir.path())
+        .args(["keygen", "--out", key.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let printed = String::from_utf8(out.stdout).unwrap();
+    let loaded = p2p::identity::load(&key).unwrap();
+    assert_eq!(printed.trim(), loaded.public().to_peer_id().to_string());
+    let again = hypertensor(dir.path())
+        .args(["keygen", "--out", key.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("refusing to overwrite"));
+}
+
+#[test]
+fn serve_refuses_bad_arguments_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny.gguf");
+    model::testing::write_gguf(&model, 4, GgmlDType::Q4_0);
+    let m = model.to_str().unwrap();
+    for (args, message) in [
+        (vec!["--model", m, "--blocks", "0:2"], "--initial-peers"),
+        (
+            vec!["--model", m, "--new-swarm", "--blocks", "3:2"],
+            "START must be below END",
+        ),
+        (
+            vec!["--model", m, "--new-swarm", "--blocks", "2:9"],
+            "not within the model's 4 blocks",
+        ),
+        (vec!["--model", m, "--new-swarm"], "--num-blocks"),
+    ] {
+        let out = hypertensor(dir.path())
+            .arg("serve")
+            .args(["--listen", "/ip4/127.0.0.1/tcp/0"])
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(message), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn two_server_processes_cover_a_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny.gguf");
+    model::testing::write_gguf(&model, 4, GgmlDType::Q4_0);
+    let m = model.to_str().unwrap();
+    let key = |n: &str| dir.path().join(n).to_str().unwrap().to_string();
+    let (mut first, serving, addr) = serve(
+        dir.path(),
+        &[
+            "--model",
+            m,
+            "--model-id",
+            "tiny",
+            "--new-swarm",
+            "--blocks",
+            "0:2",
+            "--identity",
+            &key("a.key"),
+        ],
+    );
+    assert!(
+        serving.starts_with("serving blocks 0:2 of tiny as "),
+        "{serving}"
+    );
+    let (_second, serving, _) = serve(
+        dir.path(),
+        &[
+            "--model",
+            m,
+            "--model-id",
+            "tiny",
+            "--num-blocks",
+            "2",
+            "--identity",
+            &key("b.key"),
+            "--initial-peers",
+            &addr.to_string(),
+        ],
+    );
+    assert!(
+        serving.starts_with("serving blocks 2:4 of tiny"),
+        "{serving}"
+    );
+
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let mut config = NodeConfig::local();
+        config.initial_peers = vec![addr.clone()];
+        let client = Node::start(Keypair::generate_ed25519(), config)
+            .await
+            .unwrap();
+        let first_peer = loop {
+            let found = client.find_servers("tiny", 4).await.unwrap();
+            if found.len() == 2 {
+                break found.iter().find(|(_, i)| i.span.start == 0).unwrap().0;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        // Ctrl-C: the server announces Offline before it exits.
+        // SAFETY: sending a signal to our own child process.
+        unsafe { libc_kill(first.0.id() as i32, 2) };
+        assert!(first.0.wait().unwrap().success());
+        loop {
+            if let Some(info) = client.server_info(&first_peer).await.unwrap()
+                && info.state == ServerState::Offline
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+}
+
+unsafe extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, sig: i32) -> i32;
+}

@@ -1,0 +1,697 @@
+//! The swarm's event loop and the handle other crates use to reach it.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use futures::StreamExt;
+use futures::future::join_all;
+use libp2p::core::muxing::StreamMuxerBox;
+use libp2p::core::transport::{Boxed, upgrade};
+use libp2p::identity::Keypair;
+use libp2p::kad::store::RecordStore;
+use libp2p::kad::{self, QueryId, QueryResult, Quorum, Record, RecordKey};
+use libp2p::multiaddr::Protocol;
+use libp2p::pnet::{PnetConfig, PreSharedKey};
+use libp2p::swarm::SwarmEvent;
+use libp2p::{
+    Multiaddr, PeerId, Swarm, SwarmBuilder, Transport, autonat, identify, noise, ping, tcp, yamux,
+};
+use tokio::sync::{mpsc, oneshot};
+use wire::{FrameLimits, ServerInfo};
+
+use crate::behaviour::{Behaviour, BehaviourEvent, KAD_PROTOCOL};
+use crate::config::NodeConfig;
+use crate::error::P2pError;
+use crate::inference::{self, InferenceStream};
+use crate::record;
+
+/// Milliseconds since the Unix epoch: the clock record expiries use.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+enum Command {
+    Announce {
+        info: Box<ServerInfo>,
+        provide: Vec<RecordKey>,
+        unprovide: Vec<RecordKey>,
+        /// Reply only once the record reached the closest peers (or failed to).
+        wait: bool,
+        reply: oneshot::Sender<Result<(), P2pError>>,
+    },
+    GetProviders {
+        key: RecordKey,
+        reply: oneshot::Sender<HashSet<PeerId>>,
+    },
+    GetRecord {
+        key: RecordKey,
+        reply: oneshot::Sender<Vec<Vec<u8>>>,
+    },
+    AddAddresses {
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+    },
+    ConnectedPeers {
+        reply: oneshot::Sender<Vec<PeerId>>,
+    },
+    Shutdown {
+        reply: oneshot::Sender<()>,
+    },
+}
+
+enum Pending {
+    Put(Option<oneshot::Sender<Result<(), P2pError>>>),
+    Provide,
+    Providers(HashSet<PeerId>, oneshot::Sender<HashSet<PeerId>>),
+    Record(Vec<Vec<u8>>, oneshot::Sender<Vec<Vec<u8>>>),
+}
+
+/// What the event loop shares with handles without a round trip.
+#[derive(Default)]
+struct Shared {
+    listen_addrs: Mutex<Vec<Multiaddr>>,
+    rtts: Mutex<HashMap<PeerId, Duration>>,
+    using_relay: Mutex<bool>,
+}
+
+/// Starts nodes. A node runs until [`NodeHandle::shutdown`] or until every
+/// handle is dropped.
+#[derive(Debug)]
+pub struct Node;
+
+/// Cloneable access to a running node.
+#[derive(Clone)]
+pub struct NodeHandle {
+    peer_id: PeerId,
+    commands: mpsc::Sender<Command>,
+    control: libp2p_stream::Control,
+    shared: Arc<Shared>,
+    max_record_ttl_ms: u64,
+}
+
+impl std::fmt::Debug for NodeHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeHandle")
+            .field("peer_id", &self.peer_id)
+            .finish()
+    }
+}
+
+impl Node {
+    /// Builds the swarm, starts listening, dials the initial peers and runs the
+    /// event loop on a tokio task. Returns once every listener has an address.
+    ///
+    /// # Errors
+    /// When the config is invalid or the transport cannot listen.
+    pub async fn start(key: Keypair, config: NodeConfig) -> Result<NodeHandle, P2pError> {
+        let bootstrap = config.bootstrap_peers()?;
+        let mut swarm = build_swarm(&key, &config)?;
+        let mut listeners = HashSet::new();
+        for addr in &config.listen {
+            if config.psk.is_some() && addr.iter().any(|p| matches!(p, Protocol::QuicV1)) {
+                tracing::warn!(%addr, "private swarms run over TCP only; not listening on QUIC");
+                continue;
+            }
+            let id = swarm
+                .listen_on(addr.clone())
+                .map_err(|e| P2pError::Transport(format!("listen on {addr}: {e}")))?;
+            listeners.insert(id);
+        }
+        let shared = Arc::new(Shared::default());
+        while !listeners.is_empty() {
+            match swarm.select_next_some().await {
+                SwarmEvent::NewListenAddr {
+                    listener_id,
+                    address,
+                } => {
+                    listeners.remove(&listener_id);
+                    lock(&shared.listen_addrs).push(address);
+                }
+                SwarmEvent::ListenerError { error, .. }
+                | SwarmEvent::ListenerClosed {
+                    reason: Err(error), ..
+                } => {
+                    return Err(P2pError::Transport(error.to_string()));
+                }
+                _ => {}
+            }
+        }
+        for (peer, addr) in &bootstrap {
+            swarm.behaviour_mut().kad.add_address(peer, addr.clone());
+            if let Err(e) = swarm.dial(addr.clone()) {
+                tracing::warn!(%addr, "cannot dial initial peer: {e}");
+            }
+        }
+        if !bootstrap.is_empty() {
+            let _ = swarm.behaviour_mut().kad.bootstrap();
+        }
+        let peer_id = *swarm.local_peer_id();
+        let control = swarm.behaviour().stream.new_control();
+        let (tx, rx) = mpsc::channel(64);
+        let event_loop = EventLoop {
+            swarm,
+            key,
+            shared: shared.clone(),
+            pending: HashMap::new(),
+            bootstrap: bootstrap.into_iter().map(|(_, a)| a).collect(),
+            max_record_ttl_ms: config.max_record_ttl.as_millis() as u64,
+        };
+        tokio::spawn(event_loop.run(rx));
+        tracing::info!(%peer_id, addrs = ?lock(&shared.listen_addrs), "p2p node started");
+        Ok(NodeHandle {
+            peer_id,
+            commands: tx,
+            control,
+            shared,
+            max_record_ttl_ms: config.max_record_ttl.as_millis() as u64,
+        })
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn transport_error(e: impl std::fmt::Display) -> P2pError {
+    P2pError::Transport(e.to_string())
+}
+
+fn build_swarm(key: &Keypair, config: &NodeConfig) -> Result<Swarm<Behaviour>, P2pError> {
+    let tcp_config = tcp::Config::default().nodelay(true);
+    let idle = config.idle_connection_timeout;
+    let builder = SwarmBuilder::with_existing_identity(key.clone()).with_tokio();
+    let swarm = match config.psk {
+        None => builder
+            .with_tcp(tcp_config, noise::Config::new, yamux::Config::default)
+            .map_err(transport_error)?
+            .with_quic()
+            .with_relay_client(noise::Config::new, yamux::Config::default)
+            .map_err(transport_error)?
+            .with_behaviour(|key, relay| Behaviour::new(key, relay, config))
+            .map_err(transport_error)?
+            .with_swarm_config(|c| c.with_idle_connection_timeout(idle))
+            .build(),
+        Some(psk) => builder
+            .with_other_transport(|key| private_transport(key, psk, tcp_config))
+            .map_err(transport_error)?
+            .with_relay_client(noise::Config::new, yamux::Config::default)
+            .map_err(transport_error)?
+            .with_behaviour(|key, relay| Behaviour::new(key, relay, config))
+            .map_err(transport_error)?
+            .with_swarm_config(|c| c.with_idle_connection_timeout(idle))
+            .build(),
+    };
+    Ok(swarm)
+}
+
+/// TCP with a pre-shared-key handshake before noise: peers without the key
+/// cannot even start the secure channel.
+fn private_transport(
+    key: &Keypair,
+    psk: PreSharedKey,
+    tcp_config: tcp::Config,
+) -> Result<Boxed<(PeerId, StreamMuxerBox)>, Box<dyn std::error::Error + Send + Sync>> {
+    let noise = noise::Config::new(key)?;
+    Ok(tcp::tokio::Transport::new(tcp_config)
+        .and_then(move |socket, _| PnetConfig::new(psk).handshake(socket))
+        .upgrade(upgrade::Version::V1Lazy)
+        .authenticate(noise)
+        .multiplex(yamux::Config::default())
+        .timeout(Duration::from_secs(20))
+        .map(|(peer, muxer), _| (peer, StreamMuxerBox::new(muxer)))
+        .boxed())
+}
+
+struct EventLoop {
+    swarm: Swarm<Behaviour>,
+    key: Keypair,
+    shared: Arc<Shared>,
+    pending: HashMap<QueryId, Pending>,
+    bootstrap: Vec<Multiaddr>,
+    max_record_ttl_ms: u64,
+}
+
+impl EventLoop {
+    async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
+        loop {
+            tokio::select! {
+                event = self.swarm.select_next_some() => self.on_swarm_event(event),
+                command = commands.recv() => match command {
+                    Some(Command::Shutdown { reply }) => {
+                        let _ = reply.send(());
+                        break;
+                    }
+                    Some(command) => self.on_command(command),
+                    None => break,
+                },
+            }
+        }
+        tracing::debug!("p2p node stopped");
+    }
+
+    fn on_command(&mut self, command: Command) {
+        let kad = &mut self.swarm.behaviour_mut().kad;
+        match command {
+            Command::Announce {
+                info,
+                provide,
+                unprovide,
+                wait,
+                reply,
+            } => {
+                for key in &unprovide {
+                    kad.stop_providing(key);
+                }
+                let value = match record::sign(&self.key, &info) {
+                    Ok(v) => v,
+                    Err(e) => {
+                        let _ = reply.send(Err(e.into()));
+                        return;
+                    }
+                };
+                let mut rec = Record::new(record::server_key(self.swarm.local_peer_id()), value);
+                rec.expires = Some(expiry_instant(info.expires_at_ms));
+                // `put_record` stores locally first; the copies at the closest
+                // peers follow in the background. Waiting for them ties the
+                // caller to the slowest (or a vanished) peer, so only a last
+                // announcement before shutting down waits.
+                let kad = &mut self.swarm.behaviour_mut().kad;
+                match kad.put_record(rec, Quorum::One) {
+                    Ok(id) if wait => {
+                        self.pending.insert(id, Pending::Put(Some(reply)));
+                    }
+                    Ok(id) => {
+                        self.pending.insert(id, Pending::Put(None));
+                        let _ = reply.send(Ok(()));
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(P2pError::Query(e.to_string())));
+                    }
+                }
+                let kad = &mut self.swarm.behaviour_mut().kad;
+                for key in provide {
+                    match kad.start_providing(key) {
+                        Ok(id) => {
+                            self.pending.insert(id, Pending::Provide);
+                        }
+                        Err(e) => tracing::warn!("cannot provide: {e}"),
+                    }
+                }
+            }
+            Command::GetProviders { key, reply } => {
+                let id = kad.get_providers(key);
+                self.pending
+                    .insert(id, Pending::Providers(HashSet::new(), reply));
+            }
+            Command::GetRecord { key, reply } => {
+                let id = kad.get_record(key);
+                self.pending.insert(id, Pending::Record(Vec::new(), reply));
+            }
+            Command::AddAddresses { peer, addrs } => {
+                for addr in addrs {
+                    self.swarm.add_peer_address(peer, addr);
+                }
+            }
+            Command::ConnectedPeers { reply } => {
+                let _ = reply.send(self.swarm.connected_peers().copied().collect());
+            }
+            Command::Shutdown { .. } => {}
+        }
+    }
+
+    fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        match event {
+            SwarmEvent::Behaviour(BehaviourEvent::Kad(e)) => self.on_kad(e),
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
+                peer_id,
+                info,
+                ..
+            })) if info.protocols.contains(&KAD_PROTOCOL) => {
+                for addr in info.listen_addrs {
+                    self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event {
+                peer,
+                result: Ok(rtt),
+                ..
+            })) => {
+                lock(&self.shared.rtts).insert(peer, rtt);
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Autonat(autonat::Event::StatusChanged {
+                new: autonat::NatStatus::Private,
+                ..
+            })) => self.listen_via_relays(),
+            SwarmEvent::NewListenAddr { address, .. } => {
+                if address.iter().any(|p| matches!(p, Protocol::P2pCircuit)) {
+                    *lock(&self.shared.using_relay) = true;
+                }
+                let mut addrs = lock(&self.shared.listen_addrs);
+                if !addrs.contains(&address) {
+                    addrs.push(address);
+                }
+            }
+            SwarmEvent::ExpiredListenAddr { address, .. } => {
+                lock(&self.shared.listen_addrs).retain(|a| a != &address);
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                num_established: 0,
+                ..
+            } => {
+                lock(&self.shared.rtts).remove(&peer_id);
+            }
+            _ => {}
+        }
+    }
+
+    /// Behind a NAT, reserve a slot on each bootstrap peer's relay so others
+    /// can reach us through it (and upgrade to a direct link with DCUtR).
+    fn listen_via_relays(&mut self) {
+        for addr in self.bootstrap.clone() {
+            let circuit = addr.with(Protocol::P2pCircuit);
+            if let Err(e) = self.swarm.listen_on(circuit.clone()) {
+                tracing::warn!(%circuit, "cannot listen via relay: {e}");
+            }
+        }
+    }
+
+    fn on_kad(&mut self, event: kad::Event) {
+        match event {
+            kad::Event::InboundRequest { request } => self.on_kad_inbound(request),
+            kad::Event::OutboundQueryProgressed {
+                id, result, step, ..
+            } => self.on_query(id, result, step.last),
+            _ => {}
+        }
+    }
+
+    /// Stores what other peers put only after it validates.
+    fn on_kad_inbound(&mut self, request: kad::InboundRequest) {
+        let kad = &mut self.swarm.behaviour_mut().kad;
+        match request {
+            kad::InboundRequest::PutRecord {
+                source,
+                record: Some(mut rec),
+                ..
+            } => match record::verify(&rec.key, &rec.value, now_ms(), self.max_record_ttl_ms) {
+                Ok((_, info)) => {
+                    rec.expires = Some(expiry_instant(info.expires_at_ms));
+                    if let Err(e) = kad.store_mut().put(rec) {
+                        tracing::warn!(%source, "cannot store record: {e}");
+                    }
+                }
+                Err(e) => tracing::warn!(%source, "refused DHT record: {e}"),
+            },
+            kad::InboundRequest::AddProvider {
+                record: Some(provider),
+            } if provider.key.as_ref().starts_with(b"hypertensor/") => {
+                if let Err(e) = kad.store_mut().add_provider(provider) {
+                    tracing::warn!("cannot store provider record: {e}");
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn on_query(&mut self, id: QueryId, result: QueryResult, last: bool) {
+        let Some(pending) = self.pending.remove(&id) else {
+            return;
+        };
+        let pending = match (pending, result) {
+            (Pending::Put(reply), QueryResult::PutRecord(r)) => {
+                // Too few peers for a quorum is normal in a young swarm; the
+                // record is stored locally either way.
+                if let Err(e) = r {
+                    tracing::debug!("record put reached no quorum: {e}");
+                }
+                if let Some(reply) = reply {
+                    let _ = reply.send(Ok(()));
+                }
+                Pending::Put(None)
+            }
+            (Pending::Providers(mut acc, reply), QueryResult::GetProviders(r)) => {
+                match r {
+                    Ok(kad::GetProvidersOk::FoundProviders { providers, .. }) => {
+                        acc.extend(providers);
+                    }
+                    _ => {
+                        let _ = reply.send(acc);
+                        return;
+                    }
+                }
+                Pending::Providers(acc, reply)
+            }
+            (Pending::Record(mut acc, reply), QueryResult::GetRecord(r)) => {
+                match r {
+                    Ok(kad::GetRecordOk::FoundRecord(peer_record)) => {
+                        acc.push(peer_record.record.value);
+                    }
+                    _ => {
+                        let _ = reply.send(acc);
+                        return;
+                    }
+                }
+                Pending::Record(acc, reply)
+            }
+            (p, _) => p,
+        };
+        if last {
+            match pending {
+                Pending::Providers(acc, reply) => {
+                    let _ = reply.send(acc);
+                }
+                Pending::Record(acc, reply) => {
+                    let _ = reply.send(acc);
+                }
+                Pending::Put(_) | Pending::Provide => {}
+            }
+        } else {
+            self.pending.insert(id, pending);
+        }
+    }
+}
+
+fn expiry_instant(expires_at_ms: u64) -> Instant {
+    Instant::now() + Duration::from_millis(expires_at_ms.saturating_sub(now_ms()))
+}
+
+impl NodeHandle {
+    /// This node's peer id.
+    pub fn peer_id(&self) -> PeerId {
+        self.peer_id
+    }
+
+    /// Addresses others can dial, each ending in `/p2p/PEER_ID`.
+    pub fn dialable_addrs(&self) -> Vec<Multiaddr> {
+        lock(&self.shared.listen_addrs)
+            .iter()
+            .map(|a| a.clone().with_p2p(self.peer_id).unwrap_or_else(|a| a))
+            .collect()
+    }
+
+    /// Addresses the node listens on, without the peer id.
+    pub fn listen_addrs(&self) -> Vec<Multiaddr> {
+        lock(&self.shared.listen_addrs).clone()
+    }
+
+    /// Whether the node is reachable only through a relay.
+    pub fn using_relay(&self) -> bool {
+        *lock(&self.shared.using_relay)
+    }
+
+    /// The last ping round-trip time to `peer`, if connected.
+    pub fn rtt(&self, peer: &PeerId) -> Option<Duration> {
+        lock(&self.shared.rtts).get(peer).copied()
+    }
+
+    /// The longest expiry ahead a record may claim, in milliseconds.
+    pub fn max_record_ttl_ms(&self) -> u64 {
+        self.max_record_ttl_ms
+    }
+
+    async fn command<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Command,
+    ) -> Result<T, P2pError> {
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send(make(tx))
+            .await
+            .map_err(|_| P2pError::Shutdown)?;
+        rx.await.map_err(|_| P2pError::Shutdown)
+    }
+
+    /// Signs and publishes `info` as this node's server record, provides the
+    /// keys in `provide` and stops providing those in `unprovide`. Returns
+    /// once the record is stored locally; copies reach other peers after.
+    ///
+    /// # Errors
+    /// When the node has stopped or the record cannot be signed.
+    pub async fn announce(
+        &self,
+        info: ServerInfo,
+        provide: Vec<RecordKey>,
+        unprovide: Vec<RecordKey>,
+    ) -> Result<(), P2pError> {
+        self.command(|reply| Command::Announce {
+            info: Box::new(info),
+            provide,
+            unprovide,
+            wait: false,
+            reply,
+        })
+        .await?
+    }
+
+    /// Like [`announce`](Self::announce), but returns only once the record
+    /// reached the peers closest to its key, or `timeout` passed: the last
+    /// announcement before the node stops.
+    ///
+    /// # Errors
+    /// When the node has stopped or the record cannot be signed.
+    pub async fn announce_final(
+        &self,
+        info: ServerInfo,
+        unprovide: Vec<RecordKey>,
+        timeout: Duration,
+    ) -> Result<(), P2pError> {
+        let sent = self.command(|reply| Command::Announce {
+            info: Box::new(info),
+            provide: Vec::new(),
+            unprovide,
+            wait: true,
+            reply,
+        });
+        match tokio::time::timeout(timeout, sent).await {
+            Ok(r) => r?,
+            Err(_) => Ok(()),
+        }
+    }
+
+    /// Peers providing `key`.
+    ///
+    /// # Errors
+    /// When the node has stopped.
+    pub async fn providers(&self, key: RecordKey) -> Result<HashSet<PeerId>, P2pError> {
+        self.command(|reply| Command::GetProviders { key, reply })
+            .await
+    }
+
+    /// The freshest valid server record of `peer`, if any.
+    ///
+    /// # Errors
+    /// When the node has stopped.
+    pub async fn server_info(&self, peer: &PeerId) -> Result<Option<ServerInfo>, P2pError> {
+        let key = record::server_key(peer);
+        let values = self
+            .command(|reply| Command::GetRecord {
+                key: key.clone(),
+                reply,
+            })
+            .await?;
+        let now = now_ms();
+        Ok(values
+            .iter()
+            .filter_map(
+                |v| match record::verify(&key, v, now, self.max_record_ttl_ms) {
+                    Ok((_, info)) => Some(info),
+                    Err(e) => {
+                        tracing::debug!(%peer, "ignoring invalid record: {e}");
+                        None
+                    }
+                },
+            )
+            .max_by_key(|i| i.expires_at_ms))
+    }
+
+    /// Every server of `model` with a valid record, found through the
+    /// providers of its `num_blocks` blocks.
+    ///
+    /// # Errors
+    /// When the node has stopped.
+    pub async fn find_servers(
+        &self,
+        model: &str,
+        num_blocks: u32,
+    ) -> Result<Vec<(PeerId, ServerInfo)>, P2pError> {
+        let keys = (0..num_blocks).map(|b| record::block_key(model, b));
+        let found = join_all(keys.map(|k| self.providers(k))).await;
+        let mut peers = HashSet::new();
+        for r in found {
+            peers.extend(r?);
+        }
+        let infos = join_all(peers.iter().map(|p| self.server_info(p))).await;
+        let mut servers = Vec::new();
+        for (peer, info) in peers.into_iter().zip(infos) {
+            if let Some(info) = info?
+                && info.model == model
+            {
+                servers.push((peer, info));
+            }
+        }
+        servers.sort_by_key(|(p, i)| (i.span.start, *p));
+        Ok(servers)
+    }
+
+    /// Remembers addresses for `peer`, e.g. from its server record.
+    ///
+    /// # Errors
+    /// When the node has stopped.
+    pub async fn add_addresses(&self, peer: PeerId, addrs: Vec<Multiaddr>) -> Result<(), P2pError> {
+        self.commands
+            .send(Command::AddAddresses { peer, addrs })
+            .await
+            .map_err(|_| P2pError::Shutdown)
+    }
+
+    /// Peers with an open connection.
+    ///
+    /// # Errors
+    /// When the node has stopped.
+    pub async fn connected_peers(&self) -> Result<Vec<PeerId>, P2pError> {
+        self.command(|reply| Command::ConnectedPeers { reply })
+            .await
+    }
+
+    /// Opens an inference stream to `peer`, dialing it if needed.
+    ///
+    /// # Errors
+    /// [`P2pError::OpenStream`] when the peer is unreachable or does not speak
+    /// the protocol.
+    pub async fn open_inference(
+        &self,
+        peer: PeerId,
+        limits: FrameLimits,
+    ) -> Result<InferenceStream, P2pError> {
+        let stream = self
+            .control
+            .clone()
+            .open_stream(peer, inference::PROTOCOL)
+            .await
+            .map_err(|e| P2pError::OpenStream {
+                peer,
+                reason: e.to_string(),
+            })?;
+        Ok(InferenceStream::new(peer, stream, limits))
+    }
+
+    /// Starts accepting inference streams; only one acceptor may exist.
+    ///
+    /// # Errors
+    /// When an acceptor is already registered.
+    pub fn accept_inference(&self) -> Result<libp2p_stream::IncomingStreams, P2pError> {
+        self.control
+            .clone()
+            .accept(inference::PROTOCOL)
+            .map_err(|e| P2pError::Transport(e.to_string()))
+    }
+
+    /// Stops the event loop and closes every connection.
+    pub async fn shutdown(&self) {
+        let _ = self.command(|reply| Command::Shutdown { reply }).await;
+    }
+}

@@ -1,0 +1,347 @@
+//! One inference stream's state machine, on the server's side.
+//!
+//! A stream starts with one request. `Open` turns it into a session: the
+//! server reserves KV memory, then answers each `Step` in order until `Close`,
+//! the end of the stream, or the idle timeout. `Forward`, `Backward` and
+//! `Info` get one response. Every failure becomes an error frame; a malformed
+//! frame that leaves the stream in sync keeps the session alive, and nothing a
+//! peer sends can reach another session.
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use candle_core::{Device, Tensor};
+use futures::AsyncWriteExt;
+use libp2p::{PeerId, Stream};
+use model::{BlockSpan, ModelError, SpanCache};
+use p2p::inference::protocol::{FrameError, read_frame, write_frame};
+use wire::{
+    BackwardRequest, Compression, ErrorCode, ForwardRequest, FrameLimits, OpenSession, Request,
+    Response, Span, Step, WireError, WireTensor,
+};
+
+use crate::state::Shared;
+
+/// What the next read gave.
+enum Next {
+    Request(Request),
+    /// A bad frame, already answered; the stream is still in sync.
+    Skipped,
+    /// The stream is over.
+    End,
+}
+
+/// Serves one inbound stream to completion.
+pub(crate) async fn serve_stream(shared: Arc<Shared>, peer: PeerId, mut stream: Stream) {
+    let Some(_admission) = shared.admit(peer) else {
+        let _ = reply(
+            &mut stream,
+            Response::error(
+                ErrorCode::TooManyRequests,
+                format!(
+                    "at most {} concurrent streams per peer",
+                    shared.limits.max_streams_per_peer
+                ),
+            ),
+        )
+        .await;
+        let _ = stream.close().await;
+        return;
+    };
+    let first = loop {
+        match next(&shared, &mut stream).await {
+            Next::Request(r) => break r,
+            Next::Skipped => continue,
+            Next::End => return,
+        }
+    };
+    let response = match first {
+        Request::Open(open) => {
+            run_session(&shared, peer, &mut stream, open).await;
+            let _ = stream.close().await;
+            return;
+        }
+        Request::Forward(f) => forward(&shared, f).await,
+        Request::Backward(b) => backward(&shared, b).await,
+        Request::Info => Response::Info(Box::new(shared.info())),
+        Request::Step(_) | Request::Close => {
+            Response::error(ErrorCode::BadRequest, "open a session before sending steps")
+        }
+    };
+    let _ = reply(&mut stream, response).await;
+    let _ = stream.close().await;
+}
+
+async fn reply(stream: &mut Stream, response: Response) -> Result<(), FrameError> {
+    write_frame(stream, &response).await
+}
+
+async fn next(shared: &Shared, stream: &mut Stream) -> Next {
+    let limits = FrameLimits {
+        max_frame_bytes: shared.limits.max_frame_bytes,
+    };
+    let read = tokio::time::timeout(shared.limits.idle_timeout, read_frame(stream, &limits)).await;
+    let (code, message, end) = match read {
+        Ok(Ok(Some(request))) => return Next::Request(request),
+        Ok(Ok(None)) => return Next::End,
+        Err(_) => (
+            ErrorCode::IdleTimeout,
+            format!("no request for {:?}", shared.limits.idle_timeout),
+            true,
+        ),
+        Ok(Err(FrameError::Wire(e @ WireError::FrameTooLarge { .. }))) => {
+            (ErrorCode::PayloadTooLarge, e.to_string(), true)
+        }
+        Ok(Err(e)) if e.is_recoverable() => (ErrorCode::BadRequest, e.to_string(), false),
+        Ok(Err(e)) => {
+            tracing::debug!("stream ended: {e}");
+            return Next::End;
+        }
+    };
+    let _ = reply(stream, Response::error(code, message)).await;
+    if end { Next::End } else { Next::Skipped }
+}
+
+/// Checks that `model` and `span` are served here; returns the weights to use.
+fn resolve(shared: &Shared, model: &str, span: Span) -> Result<Arc<BlockSpan>, Response> {
+    if model != shared.model_id {
+        return Err(Response::error(
+            ErrorCode::NotServed,
+            format!("this server serves {}, not {model}", shared.model_id),
+        ));
+    }
+    let weights = shared.span();
+    let range = weights.range();
+    if span.is_empty() || (span.start as usize) < range.start || span.end as usize > range.end {
+        return Err(Response::error(
+            ErrorCode::NotServed,
+            format!(
+                "blocks {span} are not within the served {}:{}",
+                range.start, range.end
+            ),
+        ));
+    }
+    Ok(weights)
+}
+
+fn blocks(span: Span) -> Range<usize> {
+    span.start as usize..span.end as usize
+}
+
+fn bad_shape(e: impl std::fmt::Display) -> Response {
+    Response::error(ErrorCode::BadShape, e.to_string())
+}
+
+fn model_error(e: ModelError) -> Response {
+    match e {
+        ModelError::InputShape(m) => Response::error(ErrorCode::BadShape, m),
+        e @ ModelError::ContextTooLong { .. } => Response::error(ErrorCode::TooLong, e.to_string()),
+        e => {
+            tracing::error!("compute failed: {e}");
+            Response::error(ErrorCode::Internal, e.to_string())
+        }
+    }
+}
+
+/// Decodes `[batch, tokens, hidden]` activations into a tensor.
+fn hidden_tensor(shared: &Shared, t: &WireTensor) -> Result<(Tensor, [usize; 3]), Response> {
+    let (values, dims) = t.to_hidden(shared.hidden).map_err(bad_shape)?;
+    let tensor = Tensor::from_vec(values, dims.to_vec(), &Device::Cpu).map_err(bad_shape)?;
+    Ok((tensor, dims))
+}
+
+fn encode(t: &Tensor, compression: Compression) -> Result<WireTensor, Response> {
+    let internal = |e: &dyn std::fmt::Display| Response::error(ErrorCode::Internal, e.to_string());
+    let values = t
+        .flatten_all()
+        .and_then(|f| f.to_vec1::<f32>())
+        .map_err(|e| internal(&e))?;
+    WireTensor::encode(&values, t.dims(), compression).map_err(|e| internal(&e))
+}
+
+async fn run_session(shared: &Arc<Shared>, peer: PeerId, stream: &mut Stream, open: OpenSession) {
+    let opened = open_session(shared, &open);
+    let (weights, _reservation) = match opened {
+        Ok(ok) => ok,
+        Err(response) => {
+            let _ = reply(stream, response).await;
+            return;
+        }
+    };
+    if reply(
+        stream,
+        Response::Opened {
+            max_length: open.max_length,
+        },
+    )
+    .await
+    .is_err()
+    {
+        return;
+    }
+    tracing::debug!(%peer, span = %open.span, max_length = open.max_length, "session opened");
+    let mut cache = SpanCache::new(open.span.len() as usize, open.max_length as usize);
+    loop {
+        let response = match next(shared, stream).await {
+            Next::End => break,
+            Next::Skipped => continue,
+            Next::Request(Request::Close) => break,
+            Next::Request(Request::Step(step)) => {
+                match session_step(shared, &weights, &open, &mut cache, step).await {
+                    Ok(r) | Err(r) => r,
+                }
+            }
+            Next::Request(_) => Response::error(
+                ErrorCode::BadRequest,
+                "a session stream carries only steps and close",
+            ),
+        };
+        if reply(stream, response).await.is_err() {
+            break;
+        }
+    }
+    tracing::debug!(%peer, "session closed");
+}
+
+fn open_session(
+    shared: &Shared,
+    open: &OpenSession,
+) -> Result<(Arc<BlockSpan>, crate::budget::Reservation), Response> {
+    let weights = resolve(shared, &open.model, open.span)?;
+    let l = &shared.limits;
+    if open.max_length == 0 || open.max_length > l.max_length {
+        return Err(Response::error(
+            ErrorCode::TooLong,
+            format!(
+                "max_length must be 1..={}, got {}",
+                l.max_length, open.max_length
+            ),
+        ));
+    }
+    if open.batch == 0 || open.batch > l.max_batch {
+        return Err(Response::error(
+            ErrorCode::BadRequest,
+            format!("batch must be 1..={}, got {}", l.max_batch, open.batch),
+        ));
+    }
+    let tokens = u64::from(open.max_length) * u64::from(open.batch);
+    let reservation = shared.budget.reserve(tokens).ok_or_else(|| {
+        Response::error(
+            ErrorCode::NoCapacity,
+            format!(
+                "cache budget exhausted: {tokens} positions asked, {} free",
+                shared.budget.free()
+            ),
+        )
+    })?;
+    Ok((weights, reservation))
+}
+
+async fn session_step(
+    shared: &Shared,
+    weights: &Arc<BlockSpan>,
+    open: &OpenSession,
+    cache: &mut SpanCache,
+    step: Step,
+) -> Result<Response, Response> {
+    let (x, [b, t, _]) = hidden_tensor(shared, &step.hidden)?;
+    if b != open.batch as usize {
+        return Err(bad_shape(format!(
+            "the session has batch {}, the step has {b}",
+            open.batch
+        )));
+    }
+    let position = step.position as usize;
+    if position > cache.len() {
+        return Err(Response::error(
+            ErrorCode::BadRequest,
+            format!(
+                "step at position {position}, but the session holds {}",
+                cache.len()
+            ),
+        ));
+    }
+    if position + t > open.max_length as usize {
+        return Err(Response::error(
+            ErrorCode::TooLong,
+            format!(
+                "{} positions exceed the session's max_length {}",
+                position + t,
+                open.max_length
+            ),
+        ));
+    }
+    // Replay after a failover or a rejected draft rewinds the cache.
+    cache.truncate(position);
+    let owned = std::mem::replace(cache, SpanCache::new(0, 0));
+    let (result, owned) = shared
+        .compute
+        .step(weights.clone(), blocks(open.span), x, owned)
+        .await
+        .ok_or_else(|| Response::error(ErrorCode::Internal, "the compute worker stopped"))?;
+    *cache = owned;
+    let out = result.map_err(model_error)?;
+    Ok(Response::Step(encode(&out, open.compression)?))
+}
+
+async fn forward(shared: &Shared, req: ForwardRequest) -> Response {
+    let run = async {
+        let weights = resolve(shared, &req.model, req.span)?;
+        let (x, [b, t, _]) = hidden_tensor(shared, &req.hidden)?;
+        let _reservation = reserve_pass(shared, b, t)?;
+        let range = blocks(req.span);
+        let out = tokio::task::spawn_blocking(move || {
+            weights.forward_range(range.clone(), &x, &mut SpanCache::new(range.len(), t))
+        })
+        .await
+        .map_err(|e| Response::error(ErrorCode::Internal, e.to_string()))?
+        .map_err(model_error)?;
+        Ok(Response::Forward(encode(&out, req.compression)?))
+    };
+    run.await.unwrap_or_else(|e| e)
+}
+
+async fn backward(shared: &Shared, req: BackwardRequest) -> Response {
+    let run = async {
+        let weights = resolve(shared, &req.model, req.span)?;
+        let (x, [b, t, _]) = hidden_tensor(shared, &req.hidden)?;
+        let (g, _) = hidden_tensor(shared, &req.grad_output)?;
+        if g.dims() != x.dims() {
+            return Err(bad_shape(format!(
+                "grad_output {:?} must match hidden states {:?}",
+                g.dims(),
+                x.dims()
+            )));
+        }
+        let _reservation = reserve_pass(shared, b, t)?;
+        let range = blocks(req.span);
+        let grad = tokio::task::spawn_blocking(move || weights.backward_range(range, &x, &g))
+            .await
+            .map_err(|e| Response::error(ErrorCode::Internal, e.to_string()))?
+            .map_err(model_error)?;
+        Ok(Response::Backward(encode(&grad, req.compression)?))
+    };
+    run.await.unwrap_or_else(|e| e)
+}
+
+/// A stateless pass holds its activations for its duration: count them
+/// against the same budget as session caches.
+fn reserve_pass(
+    shared: &Shared,
+    batch: usize,
+    tokens: usize,
+) -> Result<crate::budget::Reservation, Response> {
+    if tokens > shared.limits.max_length as usize || batch > shared.limits.max_batch as usize {
+        return Err(Response::error(
+            ErrorCode::TooLong,
+            format!(
+                "{batch}x{tokens} exceeds the limits (batch {}, length {})",
+                shared.limits.max_batch, shared.limits.max_length
+            ),
+        ));
+    }
+    shared
+        .budget
+        .reserve((batch * tokens) as u64)
+        .ok_or_else(|| Response::error(ErrorCode::NoCapacity, "cache budget exhausted"))
+}

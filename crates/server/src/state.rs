@@ -1,0 +1,105 @@
+//! State shared by the server's tasks and its sessions.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+
+use libp2p::PeerId;
+use model::BlockSpan;
+use wire::ServerInfo;
+
+use crate::budget::CacheBudget;
+use crate::compute::Compute;
+use crate::config::Limits;
+
+pub(crate) struct Shared {
+    pub(crate) model_id: String,
+    pub(crate) hidden: usize,
+    pub(crate) limits: Limits,
+    pub(crate) budget: CacheBudget,
+    pub(crate) compute: Compute,
+    /// The hosted blocks; replaced when the server moves. Sessions keep the
+    /// weights they opened with.
+    span: RwLock<Arc<BlockSpan>>,
+    info: RwLock<ServerInfo>,
+    streams: Mutex<HashMap<PeerId, usize>>,
+}
+
+/// One admitted stream; frees its slot on drop.
+pub(crate) struct Admission {
+    shared: Arc<Shared>,
+    peer: PeerId,
+}
+
+impl Shared {
+    pub(crate) fn new(
+        model_id: String,
+        limits: Limits,
+        span: Arc<BlockSpan>,
+        info: ServerInfo,
+        batching: bool,
+    ) -> Self {
+        Self {
+            model_id,
+            hidden: span.config().hidden_size,
+            budget: CacheBudget::new(limits.cache_tokens),
+            compute: Compute::start(batching),
+            limits,
+            span: RwLock::new(span),
+            info: RwLock::new(info),
+            streams: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub(crate) fn span(&self) -> Arc<BlockSpan> {
+        self.span
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    pub(crate) fn set_span(&self, span: Arc<BlockSpan>) {
+        *self.span.write().unwrap_or_else(PoisonError::into_inner) = span;
+    }
+
+    pub(crate) fn info(&self) -> ServerInfo {
+        self.info
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    pub(crate) fn update_info(&self, f: impl FnOnce(&mut ServerInfo)) -> ServerInfo {
+        let mut info = self.info.write().unwrap_or_else(PoisonError::into_inner);
+        f(&mut info);
+        info.clone()
+    }
+
+    pub(crate) fn admit(self: &Arc<Self>, peer: PeerId) -> Option<Admission> {
+        let mut streams = self.streams.lock().unwrap_or_else(PoisonError::into_inner);
+        let n = streams.entry(peer).or_default();
+        if *n >= self.limits.max_streams_per_peer {
+            return None;
+        }
+        *n += 1;
+        Some(Admission {
+            shared: self.clone(),
+            peer,
+        })
+    }
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        let mut streams = self
+            .shared
+            .streams
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(n) = streams.get_mut(&self.peer) {
+            *n -= 1;
+            if *n == 0 {
+                streams.remove(&self.peer);
+            }
+        }
+    }
+}
