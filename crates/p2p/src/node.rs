@@ -53,6 +53,7 @@ enum Command {
     AddAddresses {
         peer: PeerId,
         addrs: Vec<Multiaddr>,
+        reply: oneshot::Sender<()>,
     },
     ConnectedPeers {
         reply: oneshot::Sender<Vec<PeerId>>,
@@ -310,10 +311,11 @@ impl EventLoop {
                 let id = kad.get_record(key);
                 self.pending.insert(id, Pending::Record(Vec::new(), reply));
             }
-            Command::AddAddresses { peer, addrs } => {
+            Command::AddAddresses { peer, addrs, reply } => {
                 for addr in addrs {
                     self.swarm.add_peer_address(peer, addr);
                 }
+                let _ = reply.send(());
             }
             Command::ConnectedPeers { reply } => {
                 let _ = reply.send(self.swarm.connected_peers().copied().collect());
@@ -637,15 +639,14 @@ impl NodeHandle {
         Ok(servers)
     }
 
-    /// Remembers addresses for `peer`, e.g. from its server record.
+    /// Remembers addresses for `peer`, e.g. from its server record. Returns
+    /// once the swarm knows them, so a stream opened next can dial.
     ///
     /// # Errors
     /// When the node has stopped.
     pub async fn add_addresses(&self, peer: PeerId, addrs: Vec<Multiaddr>) -> Result<(), P2pError> {
-        self.commands
-            .send(Command::AddAddresses { peer, addrs })
+        self.command(|reply| Command::AddAddresses { peer, addrs, reply })
             .await
-            .map_err(|_| P2pError::Shutdown)
     }
 
     /// Peers with an open connection.
