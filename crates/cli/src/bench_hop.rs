@@ -58,9 +58,6 @@ async fn concurrent_steps(
 ) -> Result<f64> {
     let values = vec![0.1f32; hidden];
     let run = |_| async {
-        let mut s = client
-            .open_inference(server, FrameLimits::default())
-            .await?;
         let open = Request::Open(OpenSession {
             model: model_id.into(),
             span: Span {
@@ -71,7 +68,9 @@ async fn concurrent_steps(
             batch: 1,
             compression: Compression::None,
         });
-        s.call(&open).await?;
+        let (mut s, _) = client
+            .open_inference_with(server, FrameLimits::default(), &open)
+            .await?;
         let hidden = WireTensor::encode(&values, &[1, 1, hidden], Compression::None)?;
         for position in 0..steps {
             let step = Request::Step(Step {

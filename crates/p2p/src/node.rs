@@ -23,7 +23,7 @@ use wire::{FrameLimits, ServerInfo};
 use crate::behaviour::{Behaviour, BehaviourEvent, KAD_PROTOCOL};
 use crate::config::NodeConfig;
 use crate::error::P2pError;
-use crate::inference::{self, InferenceStream};
+use crate::inference::{self, FrameError, InferenceStream};
 use crate::record;
 
 /// Milliseconds since the Unix epoch: the clock record expiries use.
@@ -53,6 +53,7 @@ enum Command {
     AddAddresses {
         peer: PeerId,
         addrs: Vec<Multiaddr>,
+        reply: oneshot::Sender<()>,
     },
     ConnectedPeers {
         reply: oneshot::Sender<Vec<PeerId>>,
@@ -310,10 +311,11 @@ impl EventLoop {
                 let id = kad.get_record(key);
                 self.pending.insert(id, Pending::Record(Vec::new(), reply));
             }
-            Command::AddAddresses { peer, addrs } => {
+            Command::AddAddresses { peer, addrs, reply } => {
                 for addr in addrs {
                     self.swarm.add_peer_address(peer, addr);
                 }
+                let _ = reply.send(());
             }
             Command::ConnectedPeers { reply } => {
                 let _ = reply.send(self.swarm.connected_peers().copied().collect());
@@ -637,15 +639,14 @@ impl NodeHandle {
         Ok(servers)
     }
 
-    /// Remembers addresses for `peer`, e.g. from its server record.
+    /// Remembers addresses for `peer`, e.g. from its server record. Returns
+    /// once the swarm knows them, so a stream opened next can dial.
     ///
     /// # Errors
     /// When the node has stopped.
     pub async fn add_addresses(&self, peer: PeerId, addrs: Vec<Multiaddr>) -> Result<(), P2pError> {
-        self.commands
-            .send(Command::AddAddresses { peer, addrs })
+        self.command(|reply| Command::AddAddresses { peer, addrs, reply })
             .await
-            .map_err(|_| P2pError::Shutdown)
     }
 
     /// Peers with an open connection.
@@ -677,6 +678,40 @@ impl NodeHandle {
                 reason: e.to_string(),
             })?;
         Ok(InferenceStream::new(peer, stream, limits))
+    }
+
+    /// Opens a stream to `peer`, sends `first` and returns the stream with the
+    /// server's response: how every session and one-shot request starts.
+    ///
+    /// A server drops inbound streams that arrive faster than it accepts them
+    /// (libp2p-stream buffers one per protocol), and the opener learns of it
+    /// only when the stream fails. A stream that fails before any response was
+    /// never served, so it is reopened, a few times with jittered backoff.
+    ///
+    /// # Errors
+    /// When the stream cannot be opened, or the last attempt fails.
+    pub async fn open_inference_with(
+        &self,
+        peer: PeerId,
+        limits: FrameLimits,
+        first: &wire::Request,
+    ) -> Result<(InferenceStream, wire::Response), P2pError> {
+        const ATTEMPTS: u32 = 4;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let mut stream = self.open_inference(peer, limits).await?;
+            match stream.call(first).await {
+                Ok(response) => return Ok((stream, response)),
+                Err(e @ (FrameError::Io(_) | FrameError::Closed)) if attempt < ATTEMPTS => {
+                    tracing::debug!(%peer, attempt, "stream failed before its first response: {e}");
+                    let base = 5u64 << attempt;
+                    let jitter = rand::random::<u64>() % base;
+                    tokio::time::sleep(Duration::from_millis(base + jitter)).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
 
     /// Starts accepting inference streams; only one acceptor may exist.

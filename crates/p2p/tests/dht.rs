@@ -227,3 +227,36 @@ async fn private_swarms_admit_only_holders_of_the_key() {
         n.shutdown().await;
     }
 }
+
+/// Sixteen streams opened at once overflow the acceptor's buffer (it holds
+/// one); every exchange still completes, because a stream dropped before its
+/// first response is reopened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_streams_is_served() {
+    use p2p::inference::protocol::{read_frame, write_frame};
+    use wire::{FrameLimits, Request, Response};
+
+    let server = start(None).await;
+    let client = start(Some(&server)).await;
+    let mut incoming = server.accept_inference().unwrap();
+    tokio::spawn(async move {
+        while let Some((_, mut stream)) = incoming.next().await {
+            tokio::spawn(async move {
+                let limits = FrameLimits::default();
+                while let Ok(Some(Request::Info)) = read_frame(&mut stream, &limits).await {
+                    let reply = Response::Opened { max_length: 7 };
+                    if write_frame(&mut stream, &reply).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    let calls = (0..16).map(|_| {
+        client.open_inference_with(server.peer_id(), FrameLimits::default(), &Request::Info)
+    });
+    for result in futures::future::join_all(calls).await {
+        let (_, response) = result.unwrap();
+        assert!(matches!(response, Response::Opened { max_length: 7 }));
+    }
+}
