@@ -21,6 +21,8 @@ pub enum BenchCmd {
     Local(LocalBench),
     /// Per-hop overhead of one inference step through a server on loopback.
     Hop(crate::bench_hop::HopBench),
+    /// Generation through 1, 2 and 3 servers and concurrent clients, against one process.
+    Swarm(crate::bench_swarm::SwarmBench),
     /// Resident memory of a process holding a 10-block span, the whole model, and nothing.
     Memory(MemoryBench),
     /// One memory probe (run by `bench memory` in a child process).
@@ -33,6 +35,7 @@ impl BenchCmd {
         match self {
             Self::Local(b) => b.run(),
             Self::Hop(b) => b.run(),
+            Self::Swarm(b) => b.run(),
             Self::Memory(b) => b.run(),
             Self::RssProbe(p) => p.run(),
         }

@@ -1,10 +1,13 @@
-//! Commands that run a whole model in this process: `model`, `generate`, `chat`.
+//! Commands that run a model: `model`, `generate`, `chat`. The blocks run in
+//! this process, or in a swarm with `--initial-peers`.
 
 use std::io::{BufRead, Write};
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::swarm_cli::SwarmArgs;
 use model::{
     ChatMessage, ChatTemplate, Checkpoint, Generation, GenerationRequest, LoadOptions, LocalBlocks,
     LocalModel, Precision, SamplingParams, Tokenizer,
@@ -80,9 +83,22 @@ impl ModelArgs {
         }
     }
 
-    /// Opens and loads the whole model with a progress bar.
-    pub fn load(&self) -> Result<Loaded> {
+    /// Loads the model: every block here with a progress bar, or, with
+    /// `swarm.initial_peers`, only the client's half, its blocks served by
+    /// the swarm.
+    pub fn load(&self, swarm: &SwarmArgs) -> Result<Loaded> {
         let ckpt = self.open()?;
+        if swarm.remote() {
+            let runtime = tokio::runtime::Runtime::new()?;
+            let max_length = ckpt.config().max_position_embeddings;
+            let model = runtime.block_on(swarm.connect(&ckpt, max_length as u32))?;
+            return Ok(Loaded {
+                max_length: model.max_length(),
+                tokenizer: model.tokenizer().clone(),
+                template: model.template().clone(),
+                blocks: Blocks::Swarm { model, runtime },
+            });
+        }
         let bar = ProgressBar::new(ckpt.config().num_blocks as u64).with_style(
             ProgressStyle::with_template("loading {msg} [{bar:30}] {pos}/{len} blocks")
                 .unwrap_or_else(|_| ProgressStyle::default_bar()),
@@ -96,7 +112,7 @@ impl ModelArgs {
         let template = ckpt.chat_template(&tokenizer)?;
         Ok(Loaded {
             max_length: ckpt.config().max_position_embeddings,
-            model,
+            blocks: Blocks::Local(model),
             tokenizer,
             template,
         })
@@ -110,9 +126,20 @@ fn file_name(p: &std::path::Path) -> String {
     )
 }
 
+/// Where a loaded model's blocks run.
+pub enum Blocks {
+    /// All in this process.
+    Local(LocalModel),
+    /// In the swarm; `runtime` drives the network.
+    Swarm {
+        model: client::RemoteModel,
+        runtime: tokio::runtime::Runtime,
+    },
+}
+
 /// A model ready to generate.
 pub struct Loaded {
-    pub model: LocalModel,
+    pub blocks: Blocks,
     pub tokenizer: Tokenizer,
     pub template: ChatTemplate,
     pub max_length: usize,
@@ -128,16 +155,21 @@ impl Loaded {
             stop: s.stop.clone(),
             max_length: self.max_length,
         };
-        let mut blocks = LocalBlocks::new(&self.model.span, req.max_length);
         let mut out = std::io::stdout().lock();
-        let generation = model::generate(
-            &self.model.embedding,
-            &self.model.head,
-            &mut blocks,
-            &self.tokenizer,
-            &req,
-            &mut |text| write!(out, "{text}").and_then(|()| out.flush()).is_ok(),
-        )?;
+        let mut print = |text: &str| write!(out, "{text}").and_then(|()| out.flush()).is_ok();
+        let generation = match &self.blocks {
+            Blocks::Local(m) => model::generate(
+                &m.embedding,
+                &m.head,
+                &mut LocalBlocks::new(&m.span, req.max_length),
+                &self.tokenizer,
+                &req,
+                &mut print,
+            )?,
+            Blocks::Swarm { model, runtime } => {
+                model.generate(runtime.handle(), &req, &mut print)?
+            }
+        };
         writeln!(out)?;
         Ok(generation)
     }
@@ -207,6 +239,8 @@ pub struct GenerateArgs {
     pub model: ModelArgs,
     #[command(flatten)]
     pub sampling: SamplingArgs,
+    #[command(flatten)]
+    pub swarm: SwarmArgs,
     /// The prompt (a user message, unless --raw).
     #[arg(long)]
     pub prompt: String,
@@ -220,7 +254,7 @@ pub struct GenerateArgs {
 
 impl GenerateArgs {
     pub fn run(self) -> Result<()> {
-        let loaded = self.model.load()?;
+        let loaded = self.model.load(&self.swarm)?;
         let text = if self.raw {
             self.prompt.clone()
         } else {
@@ -245,6 +279,8 @@ pub struct ChatArgs {
     pub model: ModelArgs,
     #[command(flatten)]
     pub sampling: SamplingArgs,
+    #[command(flatten)]
+    pub swarm: SwarmArgs,
     /// A system message replacing the model's default one.
     #[arg(long)]
     pub system: Option<String>,
@@ -252,7 +288,7 @@ pub struct ChatArgs {
 
 impl ChatArgs {
     pub fn run(self) -> Result<()> {
-        let loaded = self.model.load()?;
+        let loaded = self.model.load(&self.swarm)?;
         let mut history: Vec<ChatMessage> = self
             .system
             .iter()

@@ -3,6 +3,7 @@
 
 mod bench;
 mod bench_hop;
+mod bench_swarm;
 mod ledger_cli;
 mod local;
 mod swarm_cli;

@@ -61,6 +61,71 @@ impl PeerArgs {
     }
 }
 
+/// The id a model goes by in the swarm: `explicit`, or the checkpoint's
+/// file name without its extension.
+pub fn model_id(path: &std::path::Path, explicit: Option<&str>) -> Result<String> {
+    match explicit {
+        Some(id) => Ok(id.to_string()),
+        None => path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .context("cannot derive a model id from the path; pass --model-id"),
+    }
+}
+
+/// How `generate`, `chat` and `api` reach a swarm instead of running every
+/// block in this process.
+#[derive(Debug, Clone, Args)]
+pub struct SwarmArgs {
+    /// Run the blocks in the swarm joined through these peers (e.g.
+    /// /ip4/1.2.3.4/tcp/31337/p2p/12D3Koo...); without it, locally.
+    #[arg(long, num_args = 1..)]
+    pub initial_peers: Vec<Multiaddr>,
+    /// The model's id in the swarm (default: the checkpoint's file name
+    /// without extension, as `serve` announces it).
+    #[arg(long)]
+    pub model_id: Option<String>,
+    /// Private swarm: the pre-shared key file its servers use.
+    #[arg(long)]
+    pub swarm_key: Option<PathBuf>,
+}
+
+impl SwarmArgs {
+    /// Whether the blocks run in a swarm.
+    pub fn remote(&self) -> bool {
+        !self.initial_peers.is_empty()
+    }
+
+    /// Joins the swarm with a throwaway identity (clients need no reputation)
+    /// and loads the client's half of `checkpoint`.
+    pub async fn connect(
+        &self,
+        checkpoint: &model::Checkpoint,
+        max_length: u32,
+    ) -> Result<client::RemoteModel> {
+        let mut config = NodeConfig {
+            initial_peers: self.initial_peers.clone(),
+            // A client relays nothing and serves no DHT records.
+            relay_server: false,
+            dht_server: false,
+            ..NodeConfig::default()
+        };
+        if let Some(file) = &self.swarm_key {
+            let text = std::fs::read_to_string(file)
+                .with_context(|| format!("reading swarm key {}", file.display()))?;
+            config.psk = Some(p2p::parse_psk(&text)?);
+        }
+        let node = Node::start(p2p::Keypair::generate_ed25519(), config).await?;
+        let id = model_id(checkpoint.path(), self.model_id.as_deref())?;
+        let view = client::SwarmView::new(node, id, checkpoint.config().num_blocks as u32);
+        let session = client::SessionConfig {
+            max_length,
+            ..client::SessionConfig::default()
+        };
+        Ok(client::RemoteModel::load(checkpoint, view, session)?)
+    }
+}
+
 /// Create a peer identity key file.
 #[derive(Debug, Args)]
 pub struct KeygenArgs {
@@ -141,13 +206,7 @@ impl ServeArgs {
             (None, None) => bail!("give --blocks START:END or --num-blocks N"),
         };
         let path = model::resolve_model(&self.model)?;
-        let model_id = match &self.model_id {
-            Some(id) => id.clone(),
-            None => path
-                .file_stem()
-                .map(|s| s.to_string_lossy().into_owned())
-                .context("cannot derive a model id from the path; pass --model-id")?,
-        };
+        let model_id = model_id(&path, self.model_id.as_deref())?;
         let mut config = ServerConfig::new(model_id, path, span);
         config.limits.max_length = self.max_length;
         config.limits.cache_tokens = self.cache_tokens;

@@ -80,6 +80,10 @@ pub enum ModelError {
         /// The maximum allowed.
         limit: usize,
     },
+    /// A [`BlockRunner`](crate::BlockRunner) outside this crate (remote
+    /// servers) failed; its own error says why.
+    #[error("running the blocks failed: {0}")]
+    Blocks(String),
     /// Building or running the tokenizer failed.
     #[error("tokenizer: {0}")]
     Tokenizer(String),

@@ -101,3 +101,17 @@ pub fn write_gguf_with(
     let t_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
     gguf_file::write(&mut f, &md_refs, &t_refs).expect("tiny model");
 }
+
+/// Largest absolute difference between two tensors of equal shape.
+///
+/// # Panics
+/// When the shapes differ or a tensor op fails: this is test scaffolding.
+pub fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims());
+    (a - b)
+        .and_then(|d| d.abs())
+        .and_then(|d| d.flatten_all())
+        .and_then(|d| d.max(0))
+        .and_then(|d| d.to_scalar())
+        .expect("max_diff")
+}

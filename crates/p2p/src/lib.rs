@@ -15,6 +15,7 @@ pub mod error;
 pub mod identity;
 pub mod inference;
 pub mod record;
+pub mod testing;
 
 mod behaviour;
 mod node;

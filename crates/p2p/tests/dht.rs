@@ -7,6 +7,7 @@ use futures::StreamExt;
 use libp2p::kad::{self, Quorum, Record, store::MemoryStore};
 use libp2p::swarm::SwarmEvent;
 use libp2p::{Multiaddr, StreamProtocol, SwarmBuilder, identity::Keypair, noise, tcp, yamux};
+use p2p::testing::eventually;
 use p2p::{Node, NodeConfig, NodeHandle, now_ms, record};
 use wire::{ServerInfo, ServerState, Span, Throughput};
 
@@ -35,30 +36,7 @@ fn info(model: &str, span: Span, ttl_ms: u64) -> ServerInfo {
 }
 
 async fn start(initial: Option<&NodeHandle>) -> NodeHandle {
-    let mut config = NodeConfig::local();
-    match initial {
-        Some(b) => config.initial_peers = b.dialable_addrs()[..1].to_vec(),
-        None => config.new_swarm = true,
-    }
-    Node::start(Keypair::generate_ed25519(), config)
-        .await
-        .unwrap()
-}
-
-/// Polls `f` until it returns `Some`, for at most `secs` seconds: DHT
-/// propagation is asynchronous, so tests wait on the outcome, not on a sleep.
-async fn eventually<T, F: std::future::Future<Output = Option<T>>>(
-    secs: u64,
-    mut f: impl FnMut() -> F,
-) -> T {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "timed out");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    p2p::testing::local_node(initial).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -14,6 +14,7 @@ pub mod budget;
 pub mod config;
 pub mod error;
 pub mod placement;
+pub mod testing;
 pub mod throughput;
 
 mod compute;

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use candle_core::{Device, Tensor};
 use common::*;
+use model::testing::max_diff;
 use model::{Checkpoint, LoadOptions, SpanCache};
 use p2p::{InferenceStream, NodeHandle};
 use server::{Server, SpanChoice};
@@ -26,19 +27,6 @@ fn wire_tensor(t: &Tensor) -> WireTensor {
 
 fn tensor(w: &WireTensor) -> Tensor {
     Tensor::from_vec(w.to_f32().unwrap(), w.dims(), &Device::Cpu).unwrap()
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
 }
 
 fn open(span: Span, max_length: u32) -> Request {

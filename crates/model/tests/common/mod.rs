@@ -70,17 +70,4 @@ pub fn write_hf(dir: &Path, model_type: &str) -> PathBuf {
     folder
 }
 
-/// Largest absolute difference between two tensors of equal shape.
-pub fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
-}
+pub use model::testing::max_diff;

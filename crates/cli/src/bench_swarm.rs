@@ -1,0 +1,206 @@
+//! `hypertensor bench swarm`: generation through a swarm on loopback against
+//! the same generation in one process, in the same run.
+//!
+//! A bootstrap peer, the servers and the client run in this process over real
+//! libp2p connections on 127.0.0.1; every server shares this machine's cores,
+//! so the figures price the protocol and routing, not extra hardware.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use model::{GenerationRequest, LocalBlocks, LoadOptions, SamplingParams};
+use server::{Server, ServerConfig, SpanChoice};
+
+use crate::local::ModelArgs;
+
+/// Options of `bench swarm`.
+#[derive(Debug, Args)]
+pub struct SwarmBench {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Tokens to generate per run.
+    #[arg(long, default_value_t = 64)]
+    tokens: usize,
+    /// Concurrent clients for the aggregate table (through the largest swarm).
+    #[arg(long, value_delimiter = ',', default_value = "1,4,8")]
+    clients: Vec<usize>,
+    /// Swarm sizes to time, each splitting the blocks evenly.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,3")]
+    servers: Vec<usize>,
+    /// Where to write the results.
+    #[arg(long, default_value = "bench-swarm.json")]
+    json: PathBuf,
+}
+
+/// Decode speed and time to first token of one configuration.
+#[derive(Debug, Clone, serde::Serialize)]
+struct Row {
+    setup: String,
+    decode_tokens_per_s: f64,
+    time_to_first_token_ms: f64,
+}
+
+/// Aggregate throughput of concurrent clients.
+#[derive(Debug, Clone, serde::Serialize)]
+struct ConcurrencyRow {
+    clients: usize,
+    aggregate_tokens_per_s: f64,
+}
+
+const PROMPT: &str = "The history of the printing press begins in the fifteenth century, when";
+
+impl SwarmBench {
+    pub fn run(self) -> Result<()> {
+        let ckpt = self.model.open()?;
+        let num_blocks = ckpt.config().num_blocks as u32;
+        let tokenizer = ckpt.tokenizer()?;
+        let req = GenerationRequest {
+            prompt_ids: tokenizer.encode(PROMPT)?,
+            max_new_tokens: self.tokens,
+            sampling: SamplingParams {
+                temperature: 0.0,
+                ..SamplingParams::default()
+            },
+            stop: Vec::new(),
+            max_length: 4096,
+        };
+
+        let local = ckpt.load_local(&LoadOptions::default(), &mut |_, _| {})?;
+        let mut rows = Vec::new();
+        let g = model::generate(
+            &local.embedding,
+            &local.head,
+            &mut LocalBlocks::new(&local.span, 4096),
+            &tokenizer,
+            &req,
+            &mut |_| true,
+        )?;
+        rows.push(row("local (one process)", &g));
+        drop(local);
+
+        let runtime = tokio::runtime::Runtime::new()?;
+        let boot = runtime.block_on(p2p::testing::local_node(None));
+        let mut concurrency = Vec::new();
+        let largest = self.servers.iter().copied().max().unwrap_or(1);
+        for &n in &self.servers {
+            let spans = split(num_blocks, n as u32);
+            let servers = runtime.block_on(async {
+                let mut servers = Vec::new();
+                for &(a, b) in &spans {
+                    let node = p2p::testing::local_node(Some(&boot)).await;
+                    let config = ServerConfig::new("bench", ckpt.path(), SpanChoice::Fixed(a, b));
+                    servers.push((Server::start(config, node.clone()).await?, node));
+                }
+                Ok::<_, anyhow::Error>(servers)
+            })?;
+            let view = runtime.block_on(async {
+                let node = p2p::testing::local_node(Some(&boot)).await;
+                let view = client::SwarmView::new(node, "bench", num_blocks);
+                p2p::testing::eventually(60, || async {
+                    view.invalidate().await;
+                    let online = view.candidates().await.ok()?.len();
+                    (online == spans.len()).then_some(())
+                })
+                .await;
+                view
+            });
+            let remote = client::RemoteModel::load(&ckpt, view, client::SessionConfig::default())?;
+            let handle = runtime.handle();
+            // One warm-up run opens the connections.
+            remote.generate(handle, &req, &mut |_| true)?;
+            let g = remote.generate(handle, &req, &mut |_| true)?;
+            let label = spans
+                .iter()
+                .map(|(a, b)| format!("{a}:{b}"))
+                .collect::<Vec<_>>()
+                .join(" + ");
+            rows.push(row(&format!("{n} server(s): {label}"), &g));
+            if n == largest {
+                for &clients in &self.clients {
+                    let start = Instant::now();
+                    let tokens: usize = std::thread::scope(|s| {
+                        let runs: Vec<_> = (0..clients)
+                            .map(|_| s.spawn(|| remote.generate(handle, &req, &mut |_| true)))
+                            .collect();
+                        runs.into_iter()
+                            .map(|r| match r.join() {
+                                Ok(Ok(g)) => Ok(g.token_ids.len()),
+                                Ok(Err(e)) => Err(anyhow::Error::from(e)),
+                                Err(_) => Err(anyhow::anyhow!("a client thread panicked")),
+                            })
+                            .sum::<Result<usize>>()
+                    })?;
+                    concurrency.push(ConcurrencyRow {
+                        clients,
+                        aggregate_tokens_per_s: tokens as f64 / start.elapsed().as_secs_f64(),
+                    });
+                }
+            }
+            runtime.block_on(async {
+                remote.view().node().shutdown().await;
+                for (server, node) in servers {
+                    server.shutdown().await;
+                    node.shutdown().await;
+                }
+            });
+        }
+        runtime.block_on(boot.shutdown());
+
+        let base = rows[0].decode_tokens_per_s;
+        println!("| setup | decode tok/s | x local | time to first token ms |");
+        println!("|---|---|---|---|");
+        for r in &rows {
+            println!(
+                "| {} | {:.1} | {:.2} | {:.0} |",
+                r.setup,
+                r.decode_tokens_per_s,
+                r.decode_tokens_per_s / base,
+                r.time_to_first_token_ms
+            );
+        }
+        println!();
+        println!("| clients ({largest} servers) | aggregate tok/s | x 1 client |");
+        println!("|---|---|---|");
+        let one = concurrency
+            .iter()
+            .find(|c| c.clients == 1)
+            .map_or(1.0, |c| c.aggregate_tokens_per_s);
+        for c in &concurrency {
+            println!(
+                "| {} | {:.1} | {:.2} |",
+                c.clients,
+                c.aggregate_tokens_per_s,
+                c.aggregate_tokens_per_s / one
+            );
+        }
+        let json = serde_json::json!({
+            "tokens": self.tokens,
+            "prompt_tokens": req.prompt_ids.len(),
+            "decode": rows,
+            "concurrency": concurrency,
+        });
+        std::fs::write(&self.json, serde_json::to_string_pretty(&json)?)
+            .with_context(|| format!("writing {}", self.json.display()))?;
+        eprintln!("wrote {}", self.json.display());
+        Ok(())
+    }
+}
+
+fn row(setup: &str, g: &model::Generation) -> Row {
+    let decoded = g.token_ids.len().saturating_sub(1) as f64;
+    Row {
+        setup: setup.into(),
+        decode_tokens_per_s: decoded / g.decode_time.as_secs_f64().max(1e-9),
+        time_to_first_token_ms: g.prefill_time.as_secs_f64() * 1e3,
+    }
+}
+
+/// `n` contiguous spans splitting `blocks` as evenly as possible.
+fn split(blocks: u32, n: u32) -> Vec<(u32, u32)> {
+    let n = n.clamp(1, blocks);
+    (0..n)
+        .map(|i| (blocks * i / n, blocks * (i + 1) / n))
+        .collect()
+}

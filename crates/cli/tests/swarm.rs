@@ -1,0 +1,197 @@
+//! The default model served by `hypertensor serve` processes on 127.0.0.1
+//! and used by `hypertensor generate --initial-peers`: greedy output through
+//! the swarm equals local output token for token, also when a server is
+//! killed with SIGKILL mid-generation; eight clients at once all complete.
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+use p2p::{Multiaddr, NodeHandle};
+
+const PROMPT: &str = "What is the capital of France?";
+/// A prompt with a long answer, so the client is still generating when a
+/// server is killed.
+const STORY: &str = "Write a short story about a robot who learns to paint.";
+
+fn default_model() -> Option<std::path::PathBuf> {
+    let found = model::DEFAULT_MODEL.cached(&model::cache_dir());
+    if found.is_none() {
+        eprintln!("SKIPPED: default model not fetched; run `hypertensor model fetch`");
+    }
+    found
+}
+
+fn hypertensor(cache: &Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_hypertensor"));
+    c.env("HYPERTENSOR_CACHE", cache).env("RUST_BACKTRACE", "0");
+    c
+}
+
+/// Kills the process if the test ends before it does.
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A bootstrap node in this process and server processes joined through it.
+struct Swarm {
+    runtime: tokio::runtime::Runtime,
+    boot: NodeHandle,
+    /// Each server with its peer id.
+    servers: Vec<(Killed, String)>,
+    model: std::path::PathBuf,
+    cache: tempfile::TempDir,
+}
+
+impl Swarm {
+    fn start(model: &Path, spans: &[&str]) -> Self {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let boot = runtime.block_on(p2p::testing::local_node(None));
+        let cache = tempfile::tempdir().unwrap();
+        let mut swarm = Self {
+            runtime,
+            boot,
+            servers: Vec::new(),
+            model: model.to_path_buf(),
+            cache,
+        };
+        for span in spans {
+            let mut child = hypertensor(swarm.cache.path())
+                .arg("serve")
+                .args(["--model", swarm.model.to_str().unwrap()])
+                .args(["--model-id", "smollm2", "--blocks", span])
+                .args(["--listen", "/ip4/127.0.0.1/tcp/0", "--announce-period", "2"])
+                .args(["--threads", "1", "--initial-peers", &swarm.boot_addr()])
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap();
+            let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+            let serving = lines.next().unwrap().unwrap();
+            let peer = serving.rsplit(' ').next().unwrap().to_string();
+            swarm.servers.push((Killed(child), peer));
+        }
+        let n = spans.len();
+        swarm.runtime.block_on(p2p::testing::eventually(60, || async {
+            let found = swarm.boot.find_servers("smollm2", 30).await.unwrap();
+            let online = found
+                .iter()
+                .filter(|(_, i)| i.state == wire::ServerState::Online)
+                .count();
+            (online == n).then_some(())
+        }));
+        swarm
+    }
+
+    fn boot_addr(&self) -> String {
+        let addr: &Multiaddr = &self.boot.dialable_addrs()[0];
+        addr.to_string()
+    }
+
+    /// `generate` through the swarm, greedy.
+    fn client(&self, prompt: &str) -> Command {
+        let mut c = generate(self.cache.path(), &self.model, prompt);
+        c.args(["--model-id", "smollm2", "--initial-peers", &self.boot_addr()]);
+        c
+    }
+}
+
+/// Greedy `generate` of 40 tokens at most.
+fn generate(cache: &Path, model: &Path, prompt: &str) -> Command {
+    let mut c = hypertensor(cache);
+    c.args(["generate", "--model", model.to_str().unwrap()])
+        .args(["--prompt", prompt, "--temperature", "0", "--max-tokens", "40"]);
+    c
+}
+
+/// The answer of one process holding every block.
+fn local_answer(model: &Path, prompt: &str) -> String {
+    let cache = tempfile::tempdir().unwrap();
+    let out = generate(cache.path(), model, prompt).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn three_servers_answer_eight_clients_as_one_process_would() {
+    let Some(model) = default_model() else { return };
+    let want = local_answer(&model, PROMPT);
+    assert!(want.contains("Paris"), "{want}");
+    let swarm = Swarm::start(&model, &["0:10", "10:20", "20:30"]);
+
+    let out = swarm.client(PROMPT).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), want);
+
+    let clients: Vec<_> = (0..8)
+        .map(|_| {
+            swarm
+                .client(PROMPT)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    // Their decode steps meet in the servers' batches, whose float sums may
+    // round differently in the last bit: every client completes with the
+    // answer, not necessarily the same bytes.
+    for c in clients {
+        let out = c.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(String::from_utf8(out.stdout).unwrap().contains("Paris"));
+    }
+}
+
+#[test]
+fn a_server_killed_mid_generation_is_replaced_without_changing_the_answer() {
+    let Some(model) = default_model() else { return };
+    let want = local_answer(&model, STORY);
+    let mut swarm = Swarm::start(&model, &["0:15", "15:30", "15:30"]);
+
+    let mut client = swarm
+        .client(STORY)
+        .args(["--log", "client=info"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(client.stderr.take().unwrap()).lines();
+    let route = stderr
+        .by_ref()
+        .map_while(Result::ok)
+        .find(|l| l.contains("session opened"))
+        .expect("the client logs its route");
+    // route = "0:15@PEER, 15:30@PEER"
+    let victim = route
+        .split("15:30@")
+        .nth(1)
+        .and_then(|rest| rest.split(|c: char| !c.is_alphanumeric()).next())
+        .expect("a server for 15:30")
+        .to_string();
+    let mut stdout = client.stdout.take().unwrap();
+    let mut first = [0u8; 1];
+    stdout.read_exact(&mut first).unwrap();
+    let (server, _) = swarm
+        .servers
+        .iter_mut()
+        .find(|(_, peer)| *peer == victim)
+        .expect("the victim is one of ours");
+    server.0.kill().unwrap(); // SIGKILL: no goodbye
+
+    let mut rest = Vec::new();
+    stdout.read_to_end(&mut rest).unwrap();
+    let log: Vec<String> = stderr.map_while(Result::ok).collect();
+    assert!(client.wait().unwrap().success(), "{log:?}");
+    let mut got = first.to_vec();
+    got.extend(rest);
+    assert_eq!(String::from_utf8(got).unwrap(), want);
+    assert!(
+        log.iter().any(|l| l.contains("session re-routed")),
+        "no failover happened: {log:?}"
+    );
+}

@@ -1,0 +1,132 @@
+//! What the client knows of one model's servers: their DHT records and our
+//! round trips to them, refreshed at most every `max_age`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use p2p::{Multiaddr, NodeHandle, PeerId};
+use tokio::sync::Mutex;
+use wire::{ServerInfo, ServerState};
+
+use crate::error::ClientError;
+use crate::routing::Candidate;
+
+/// One server as the client sees it.
+#[derive(Debug, Clone)]
+pub struct ServerView {
+    /// Who.
+    pub peer: PeerId,
+    /// What it announced.
+    pub info: ServerInfo,
+    /// Our last ping to it, if connected.
+    pub rtt: Option<Duration>,
+}
+
+impl ServerView {
+    /// The server as a routing candidate.
+    pub fn candidate(&self) -> Candidate {
+        Candidate {
+            peer: self.peer,
+            span: self.info.span,
+            inference_rps: self.info.throughput.inference_rps,
+            network_rps: self.info.throughput.network_rps,
+            rtt: self.rtt,
+            cache_tokens_left: self.info.cache_tokens_left,
+            max_length: self.info.max_length,
+        }
+    }
+}
+
+/// The servers of one model, cached.
+#[derive(Debug, Clone)]
+pub struct SwarmView {
+    node: NodeHandle,
+    model: String,
+    num_blocks: u32,
+    max_age: Duration,
+    cache: Arc<Mutex<Option<(Instant, Vec<ServerView>)>>>,
+}
+
+impl SwarmView {
+    /// Watches `model` (with `num_blocks` blocks) through `node`.
+    pub fn new(node: NodeHandle, model: impl Into<String>, num_blocks: u32) -> Self {
+        Self {
+            node,
+            model: model.into(),
+            num_blocks,
+            max_age: Duration::from_secs(5),
+            cache: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    /// The model id.
+    pub fn model(&self) -> &str {
+        &self.model
+    }
+
+    /// Its number of blocks.
+    pub fn num_blocks(&self) -> u32 {
+        self.num_blocks
+    }
+
+    /// The p2p node this view queries through.
+    pub fn node(&self) -> &NodeHandle {
+        &self.node
+    }
+
+    /// Servers announced within `max_age`, querying the DHT when the last
+    /// answer is older. Every server's announced addresses are handed to the
+    /// node, so opening a stream to it can dial.
+    ///
+    /// # Errors
+    /// When the DHT query fails.
+    pub async fn servers(&self) -> Result<Vec<ServerView>, ClientError> {
+        let mut cache = self.cache.lock().await;
+        if let Some((at, servers)) = cache.as_ref()
+            && at.elapsed() < self.max_age
+        {
+            return Ok(self.with_rtts(servers.clone()));
+        }
+        let found = self.node.find_servers(&self.model, self.num_blocks).await?;
+        let mut servers = Vec::with_capacity(found.len());
+        for (peer, info) in found {
+            let addrs: Vec<Multiaddr> = info.addrs.iter().filter_map(|a| a.parse().ok()).collect();
+            if !addrs.is_empty() {
+                self.node.add_addresses(peer, addrs).await?;
+            }
+            servers.push(ServerView {
+                peer,
+                info,
+                rtt: None,
+            });
+        }
+        *cache = Some((Instant::now(), servers.clone()));
+        Ok(self.with_rtts(servers))
+    }
+
+    /// Online servers, as routing candidates.
+    ///
+    /// # Errors
+    /// As [`servers`](Self::servers).
+    pub async fn candidates(&self) -> Result<Vec<Candidate>, ClientError> {
+        Ok(self
+            .servers()
+            .await?
+            .iter()
+            .filter(|s| s.info.state == ServerState::Online)
+            .map(ServerView::candidate)
+            .collect())
+    }
+
+    /// Drops the cached answer, so the next call asks the DHT.
+    pub async fn invalidate(&self) {
+        *self.cache.lock().await = None;
+    }
+
+    fn with_rtts(&self, mut servers: Vec<ServerView>) -> Vec<ServerView> {
+        for s in &mut servers {
+            s.rtt = self.node.rtt(&s.peer);
+        }
+        servers
+    }
+}

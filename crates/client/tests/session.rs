@@ -1,0 +1,168 @@
+//! Sessions through servers on 127.0.0.1 over a tiny random model: the chain
+//! computes what one process would, survives a server that vanishes
+//! mid-session, and names the blocks nobody serves.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use candle_core::{Device, Tensor};
+use client::{BanList, ClientError, InferenceSession, SessionConfig, SwarmView};
+use model::testing::max_diff;
+use model::{BlockSpan, Checkpoint, LoadOptions};
+use p2p::NodeHandle;
+use p2p::testing::{eventually, local_node};
+use server::testing::{MODEL, config, tiny_model};
+use server::{Server, SpanChoice};
+
+const BLOCKS: u32 = 6;
+const H: usize = model::testing::HIDDEN;
+
+struct Swarm {
+    _dir: tempfile::TempDir,
+    _boot: NodeHandle,
+    local: BlockSpan,
+    /// Each server with the node it runs on, so a test can pull the plug.
+    servers: Vec<(Server, NodeHandle)>,
+    view: SwarmView,
+}
+
+async fn swarm(spans: &[(u32, u32)]) -> Swarm {
+    let dir = tempfile::tempdir().unwrap();
+    let path = tiny_model(dir.path(), BLOCKS as usize);
+    let boot = local_node(None).await;
+    let mut servers = Vec::new();
+    for &(a, b) in spans {
+        let node = local_node(Some(&boot)).await;
+        let server = Server::start(config(&path, SpanChoice::Fixed(a, b)), node.clone())
+            .await
+            .unwrap();
+        servers.push((server, node));
+    }
+    let view = SwarmView::new(local_node(Some(&boot)).await, MODEL, BLOCKS);
+    // Wait until every server is announced online.
+    eventually(20, || async {
+        view.invalidate().await;
+        (view.candidates().await.unwrap().len() == spans.len()).then_some(())
+    })
+    .await;
+    let local = Checkpoint::open(&path)
+        .unwrap()
+        .load_span(0..BLOCKS as usize, &LoadOptions::default(), &mut |_, _| {})
+        .unwrap();
+    Swarm {
+        _dir: dir,
+        _boot: boot,
+        local,
+        servers,
+        view,
+    }
+}
+
+fn bans() -> Arc<Mutex<BanList>> {
+    Arc::new(Mutex::new(BanList::new(
+        Duration::from_secs(60),
+        Duration::from_secs(60),
+    )))
+}
+
+fn config_of(max_length: u32) -> SessionConfig {
+    SessionConfig {
+        max_length,
+        ..SessionConfig::default()
+    }
+}
+
+fn inputs() -> Vec<Tensor> {
+    let mut xs = vec![Tensor::randn(0f32, 1.0, (1, 5, H), &Device::Cpu).unwrap()];
+    for _ in 0..6 {
+        xs.push(Tensor::randn(0f32, 1.0, (1, 1, H), &Device::Cpu).unwrap());
+    }
+    xs
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chain_of_three_servers_computes_what_one_process_does() {
+    let s = swarm(&[(0, 2), (2, 4), (4, 6)]).await;
+    let mut session = InferenceSession::open(s.view.clone(), bans(), config_of(32))
+        .await
+        .unwrap();
+    let route: Vec<_> = session.route().iter().map(|h| h.span.to_string()).collect();
+    assert_eq!(route, ["0:2", "2:4", "4:6"]);
+    let mut cache = s.local.new_cache(32);
+    for x in inputs() {
+        let want = s.local.forward(&x, &mut cache).unwrap();
+        let got = session.step(&x).await.unwrap();
+        assert!(max_diff(&got, &want) < 1e-5);
+    }
+    assert_eq!(session.position(), 11);
+    session.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vanished_server_is_replaced_and_its_inputs_replayed() {
+    let s = swarm(&[(0, 3), (3, 6), (3, 6)]).await;
+    let mut session = InferenceSession::open(s.view.clone(), bans(), config_of(32))
+        .await
+        .unwrap();
+    let mut cache = s.local.new_cache(32);
+    let xs = inputs();
+    for x in &xs[..4] {
+        let want = s.local.forward(x, &mut cache).unwrap();
+        assert!(max_diff(&session.step(x).await.unwrap(), &want) < 1e-5);
+    }
+    // Pull the plug on the server carrying blocks 3:6: no goodbye, its
+    // connections just drop.
+    let victim = session.route()[1].peer;
+    let (_, node) = s
+        .servers
+        .iter()
+        .find(|(_, n)| n.peer_id() == victim)
+        .unwrap();
+    node.shutdown().await;
+    for x in &xs[4..] {
+        let want = s.local.forward(x, &mut cache).unwrap();
+        assert!(max_diff(&session.step(x).await.unwrap(), &want) < 1e-5);
+    }
+    assert_eq!(session.failures(), 1);
+    assert_ne!(session.route()[1].peer, victim);
+    session.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_blocks_are_named_and_bad_inputs_refused() {
+    let s = swarm(&[(0, 2), (4, 6)]).await;
+    let err = InferenceSession::open(s.view.clone(), bans(), config_of(32))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, ClientError::NoRoute { missing, .. } if missing == "2:4"),
+        "{err}"
+    );
+
+    let s = swarm(&[(0, 6)]).await;
+    let mut session = InferenceSession::open(s.view.clone(), bans(), config_of(4))
+        .await
+        .unwrap();
+    let flat = Tensor::zeros((5, H), candle_core::DType::F32, &Device::Cpu).unwrap();
+    assert!(matches!(
+        session.step(&flat).await,
+        Err(ClientError::InvalidRequest(_))
+    ));
+    let long = Tensor::zeros((1, 5, H), candle_core::DType::F32, &Device::Cpu).unwrap();
+    assert!(matches!(
+        session.step(&long).await,
+        Err(ClientError::InvalidRequest(_))
+    ));
+    // A width the server refuses is the client's fault: no failover.
+    let wide = Tensor::zeros((1, 1, H + 1), candle_core::DType::F32, &Device::Cpu).unwrap();
+    assert!(matches!(
+        session.step(&wide).await,
+        Err(ClientError::Server {
+            code: wire::ErrorCode::BadShape,
+            ..
+        })
+    ));
+    assert_eq!(session.failures(), 0);
+    let x = Tensor::zeros((1, 2, H), candle_core::DType::F32, &Device::Cpu).unwrap();
+    assert!(session.step(&x).await.is_ok());
+}
