@@ -20,7 +20,7 @@ async fn servers_with_num_blocks_cover_the_whole_model() {
     )
     .await;
     let client = node(Some(&boot)).await;
-    let spans = eventually(30, || async {
+    let spans = eventually(60, || async {
         let found = client.find_servers(MODEL, BLOCKS).await.unwrap();
         let peers: Vec<_> = found
             .iter()
