@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use model::{GenerationRequest, LocalBlocks, LoadOptions, SamplingParams};
+use model::{GenerationRequest, LoadOptions, LocalBlocks, SamplingParams};
 use server::{Server, ServerConfig, SpanChoice};
 
 use crate::local::ModelArgs;

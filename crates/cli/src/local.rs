@@ -96,7 +96,10 @@ impl ModelArgs {
                 max_length: model.max_length(),
                 tokenizer: model.tokenizer().clone(),
                 template: model.template().clone(),
-                blocks: Blocks::Swarm { model, runtime },
+                blocks: Blocks::Swarm {
+                    model: Box::new(model),
+                    runtime,
+                },
             });
         }
         let bar = ProgressBar::new(ckpt.config().num_blocks as u64).with_style(
@@ -132,7 +135,7 @@ pub enum Blocks {
     Local(LocalModel),
     /// In the swarm; `runtime` drives the network.
     Swarm {
-        model: client::RemoteModel,
+        model: Box<client::RemoteModel>,
         runtime: tokio::runtime::Runtime,
     },
 }

@@ -1,6 +1,7 @@
 //! `hypertensor keygen` and `hypertensor serve`: a peer's identity and the
 //! block server.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -218,15 +219,20 @@ impl ServeArgs {
             let node = self.peer.start("server.key").await?;
             let server = Server::start(config, node.clone()).await?;
             let info = server.info();
-            println!(
+            // Whoever started us may stop reading stdout; that is no reason to die.
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(
+                out,
                 "serving blocks {} of {} as {}",
                 info.span,
                 info.model,
                 node.peer_id()
             );
             for addr in node.dialable_addrs() {
-                println!("listening on {addr}");
+                let _ = writeln!(out, "listening on {addr}");
             }
+            let _ = out.flush();
+            drop(out);
             tokio::signal::ctrl_c().await?;
             eprintln!("shutting down");
             server.shutdown().await;

@@ -60,30 +60,37 @@ impl Swarm {
             model: model.to_path_buf(),
             cache,
         };
-        for span in spans {
+        for (i, span) in spans.iter().enumerate() {
+            // Each server its own identity (the default one is per cache dir).
+            let key = swarm.cache.path().join(format!("server-{i}.key"));
             let mut child = hypertensor(swarm.cache.path())
                 .arg("serve")
                 .args(["--model", swarm.model.to_str().unwrap()])
                 .args(["--model-id", "smollm2", "--blocks", span])
                 .args(["--listen", "/ip4/127.0.0.1/tcp/0", "--announce-period", "2"])
                 .args(["--threads", "1", "--initial-peers", &swarm.boot_addr()])
+                .args(["--identity", key.to_str().unwrap()])
                 .stdout(Stdio::piped())
                 .spawn()
                 .unwrap();
             let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
             let serving = lines.next().unwrap().unwrap();
             let peer = serving.rsplit(' ').next().unwrap().to_string();
+            // Keep reading, so the server never writes into a closed pipe.
+            std::thread::spawn(move || lines.for_each(drop));
             swarm.servers.push((Killed(child), peer));
         }
         let n = spans.len();
-        swarm.runtime.block_on(p2p::testing::eventually(60, || async {
-            let found = swarm.boot.find_servers("smollm2", 30).await.unwrap();
-            let online = found
-                .iter()
-                .filter(|(_, i)| i.state == wire::ServerState::Online)
-                .count();
-            (online == n).then_some(())
-        }));
+        swarm
+            .runtime
+            .block_on(p2p::testing::eventually(60, || async {
+                let found = swarm.boot.find_servers("smollm2", 30).await.unwrap();
+                let online = found
+                    .iter()
+                    .filter(|(_, i)| i.state == wire::ServerState::Online)
+                    .count();
+                (online == n).then_some(())
+            }));
         swarm
     }
 
@@ -95,7 +102,12 @@ impl Swarm {
     /// `generate` through the swarm, greedy.
     fn client(&self, prompt: &str) -> Command {
         let mut c = generate(self.cache.path(), &self.model, prompt);
-        c.args(["--model-id", "smollm2", "--initial-peers", &self.boot_addr()]);
+        c.args([
+            "--model-id",
+            "smollm2",
+            "--initial-peers",
+            &self.boot_addr(),
+        ]);
         c
     }
 }
@@ -104,7 +116,14 @@ impl Swarm {
 fn generate(cache: &Path, model: &Path, prompt: &str) -> Command {
     let mut c = hypertensor(cache);
     c.args(["generate", "--model", model.to_str().unwrap()])
-        .args(["--prompt", prompt, "--temperature", "0", "--max-tokens", "40"]);
+        .args([
+            "--prompt",
+            prompt,
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "40",
+        ]);
     c
 }
 
@@ -112,7 +131,11 @@ fn generate(cache: &Path, model: &Path, prompt: &str) -> Command {
 fn local_answer(model: &Path, prompt: &str) -> String {
     let cache = tempfile::tempdir().unwrap();
     let out = generate(cache.path(), model, prompt).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout).unwrap()
 }
 
@@ -124,7 +147,11 @@ fn three_servers_answer_eight_clients_as_one_process_would() {
     let swarm = Swarm::start(&model, &["0:10", "10:20", "20:30"]);
 
     let out = swarm.client(PROMPT).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(String::from_utf8(out.stdout).unwrap(), want);
 
     let clients: Vec<_> = (0..8)
@@ -142,7 +169,11 @@ fn three_servers_answer_eight_clients_as_one_process_would() {
     // answer, not necessarily the same bytes.
     for c in clients {
         let out = c.wait_with_output().unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         assert!(String::from_utf8(out.stdout).unwrap().contains("Paris"));
     }
 }

@@ -174,7 +174,7 @@ mod tests {
     #[test]
     fn one_server_holding_everything_is_one_hop() {
         let all = cand(0, 30, 100.0, 5);
-        let hops = plan(&[all.clone()], 0..30, 64).unwrap();
+        let hops = plan(std::slice::from_ref(&all), 0..30, 64).unwrap();
         assert_eq!(
             hops,
             vec![Hop {

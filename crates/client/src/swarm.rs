@@ -44,8 +44,11 @@ pub struct SwarmView {
     model: String,
     num_blocks: u32,
     max_age: Duration,
-    cache: Arc<Mutex<Option<(Instant, Vec<ServerView>)>>>,
+    cache: Arc<Mutex<Option<Snapshot>>>,
 }
+
+/// The last DHT answer and when it came.
+type Snapshot = (Instant, Vec<ServerView>);
 
 impl SwarmView {
     /// Watches `model` (with `num_blocks` blocks) through `node`.
