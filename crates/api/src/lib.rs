@@ -18,6 +18,8 @@
 //! "param", "code"}}`, so OpenAI client libraries raise their usual
 //! exceptions.
 
+#![warn(missing_docs)]
+
 pub mod backend;
 pub mod error;
 pub mod local;

@@ -150,7 +150,7 @@ fn json(v: &impl Serialize) -> String {
 
 /// What the stream does next.
 struct State {
-    rx: mpsc::Receiver<Event>,
+    rx: mpsc::UnboundedReceiver<Event>,
     chunker: Chunker,
     metrics: Arc<Metrics>,
     queue: VecDeque<String>,
@@ -188,7 +188,7 @@ impl State {
 pub(crate) fn response(
     chunker: Chunker,
     first: Event,
-    rx: mpsc::Receiver<Event>,
+    rx: mpsc::UnboundedReceiver<Event>,
     metrics: Arc<Metrics>,
 ) -> Response {
     let mut state = State {

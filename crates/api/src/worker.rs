@@ -5,6 +5,11 @@
 //! handler awaiting it) is dropped because the client went away, the receiver
 //! goes with it, the next send fails, and `on_text` tells the backend to
 //! stop. The backend's blocking work never holds an async worker thread.
+//!
+//! The channel is unbounded on purpose: a client that reads slowly (or not
+//! at all) must not stall the model, which serves one generation at a time
+//! locally and holds remote sessions in the swarm. What it buffers is bounded
+//! anyway: one generation's text, at most the model's context.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -15,10 +20,6 @@ use tokio::sync::mpsc;
 use crate::backend::{Backend, BackendError};
 use crate::error::ApiError;
 use crate::openai::{Input, Job};
-
-/// Pieces buffered between the generation and a slow client; enough to
-/// smooth bursts, small enough that a vanished client is noticed soon.
-const BUFFERED_PIECES: usize = 32;
 
 /// What the blocking side reports.
 #[derive(Debug)]
@@ -52,12 +53,21 @@ pub(crate) fn start(
     backend: Arc<dyn Backend>,
     job: Arc<Job>,
     stopping: Stopping,
-) -> mpsc::Receiver<Event> {
-    let (tx, rx) = mpsc::channel(BUFFERED_PIECES);
+) -> mpsc::UnboundedReceiver<Event> {
+    let (tx, rx) = mpsc::unbounded_channel();
     tokio::task::spawn_blocking(move || {
         let result = run(&*backend, &job, &tx, &stopping);
+        if let Ok(g) = &result {
+            tracing::info!(
+                model = %job.model,
+                prompt_tokens = g.prompt_tokens,
+                generated = g.token_ids.len(),
+                finish = ?g.finish_reason,
+                "api: generation done"
+            );
+        }
         // The client may be gone; nobody is left to tell then.
-        let _ = tx.blocking_send(Event::Done(result));
+        let _ = tx.send(Event::Done(result));
     });
     rx
 }
@@ -65,7 +75,7 @@ pub(crate) fn start(
 fn run(
     backend: &dyn Backend,
     job: &Job,
-    tx: &mpsc::Sender<Event>,
+    tx: &mpsc::UnboundedSender<Event>,
     stopping: &Stopping,
 ) -> Result<Generation, ApiError> {
     let param = job.input.param();
@@ -82,9 +92,8 @@ fn run(
     .map_err(blame)?;
     let limit = backend.max_length(&job.model).map_err(blame)?;
     let req = job.request(prompt_ids, limit)?;
-    let mut on_text = |piece: &str| {
-        !stopping.is_stopped() && tx.blocking_send(Event::Text(piece.to_owned())).is_ok()
-    };
+    let mut on_text =
+        |piece: &str| !stopping.is_stopped() && tx.send(Event::Text(piece.to_owned())).is_ok();
     let generation = backend
         .generate(&job.model, &req, &mut on_text)
         .map_err(blame)?;

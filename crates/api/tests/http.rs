@@ -91,6 +91,10 @@ impl Backend for Double {
             }
             "broken" => return Err(BackendError::Internal("kernel exploded".into())),
             "endless" => loop {
+                // A real model takes time per token. Without this the double
+                // would fill the (unbounded) channel as fast as memory allows
+                // in the moment before the server notices the client left.
+                std::thread::sleep(Duration::from_millis(1));
                 generation.token_ids.push(0);
                 if !on_text("tick ") {
                     generation.finish_reason = FinishReason::Cancelled;
