@@ -1,6 +1,7 @@
 //! The `hypertensor` binary. It parses arguments and hands each command to
 //! the crates that do the work; nothing here computes anything itself.
 
+mod api_cli;
 mod bench;
 mod bench_hop;
 mod bench_swarm;
@@ -32,6 +33,9 @@ enum Command {
     Generate(local::GenerateArgs),
     /// Chat interactively with a model, streaming each answer.
     Chat(local::ChatArgs),
+    /// Serve a model over an OpenAI-compatible HTTP API, with a web chat and
+    /// a swarm monitor.
+    Api(api_cli::ApiArgs),
     /// Create a peer identity key file (prints its peer id).
     Keygen(swarm_cli::KeygenArgs),
     /// Serve a span of a model's blocks to the swarm.
@@ -71,6 +75,7 @@ fn main() -> Result<()> {
         Command::Model(cmd) => cmd.run(),
         Command::Generate(args) => args.run(),
         Command::Chat(args) => args.run(),
+        Command::Api(args) => args.run(),
         Command::Keygen(args) => args.run(),
         Command::Serve(args) => args.run(),
         Command::Bench(cmd) => cmd.run(),
