@@ -8,7 +8,7 @@ use crate::monitor::SwarmState;
 /// What the HTTP layer needs from whatever runs the model.
 ///
 /// Implementations: [`LocalBackend`](crate::LocalBackend) (a whole model in
-/// this process) and, later, the swarm client.
+/// this process) and [`SwarmBackend`](crate::SwarmBackend) (the swarm client).
 ///
 /// [`models`](Backend::models) is called on async threads and must answer at
 /// once (from a cache, say); [`swarm_state`](Backend::swarm_state) is async;

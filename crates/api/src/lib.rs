@@ -3,7 +3,8 @@
 //!
 //! Neighbours: below this crate sits whatever runs the model, reached only
 //! through the [`Backend`] trait — a whole model in this process
-//! ([`LocalBackend`], over the `model` crate) or, later, the swarm `client`.
+//! ([`LocalBackend`], over the `model` crate) or the swarm `client`
+//! ([`SwarmBackend`]).
 //! Above it is the `hypertensor api` command, which builds a backend and calls
 //! [`serve`].
 //!
@@ -28,6 +29,7 @@ pub mod monitor;
 pub mod openai;
 pub mod routes;
 mod sse;
+pub mod swarm;
 mod worker;
 
 use std::future::Future;
@@ -40,6 +42,7 @@ pub use local::LocalBackend;
 pub use metrics::Metrics;
 pub use monitor::{ModelState, PeerState, ServerEntry, SwarmState};
 pub use routes::router;
+pub use swarm::SwarmBackend;
 
 /// Serves the API on `listener` until `shutdown` completes.
 ///

@@ -5,37 +5,43 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use api::{Backend, LocalBackend};
+use api::{Backend, LocalBackend, SwarmBackend};
 use clap::Args;
 
-use crate::local::ModelArgs;
+use crate::local::{Blocks, ModelArgs};
+use crate::swarm_cli::{SwarmArgs, model_id};
 
 /// Serve a model over an OpenAI-compatible HTTP API, with a web chat at `/`
 /// and a swarm monitor at `/monitor`.
 #[derive(Debug, Args)]
 pub struct ApiArgs {
-    /// The model to load whole into this process (as `chat` does).
+    /// The model: loaded whole into this process, or with `--initial-peers`
+    /// only its embeddings, head and tokenizer.
     #[command(flatten)]
     pub model: ModelArgs,
-    /// The id clients pass as `model` (default: the checkpoint's file name
-    /// without extension, as `serve` announces it).
-    #[arg(long)]
-    pub model_id: Option<String>,
     /// Address to listen on; port 0 picks a free one. Listening beyond
     /// 127.0.0.1 exposes the API (which has no authentication) to the network.
     #[arg(long, default_value = "127.0.0.1:8000")]
     pub listen: SocketAddr,
-    // Swarm mode goes here: `--initial-peers` (and the other PeerArgs) will
-    // make the backend the swarm client instead of a local model; see
-    // `backend()`.
+    /// With `--initial-peers`, the blocks run in the swarm.
+    #[command(flatten)]
+    pub swarm: SwarmArgs,
 }
 
 impl ApiArgs {
     pub fn run(self) -> Result<()> {
-        // Loaded before the runtime starts: ModelArgs sets the compute thread
-        // count, which must happen while this is the only thread.
-        let backend = self.backend()?;
-        let runtime = tokio::runtime::Runtime::new()?;
+        // The model is opened before the runtime starts: ModelArgs sets the
+        // compute thread count, which must happen while this is the only thread.
+        let (backend, runtime): (Arc<dyn Backend>, _) = if self.swarm.remote() {
+            let checkpoint = self.model.open()?;
+            let runtime = tokio::runtime::Runtime::new()?;
+            let max_length = checkpoint.config().max_position_embeddings as u32;
+            let remote = runtime.block_on(self.swarm.connect(&checkpoint, max_length))?;
+            let backend = Arc::new(SwarmBackend::new(remote, runtime.handle().clone()));
+            (backend, runtime)
+        } else {
+            (self.local_backend()?, tokio::runtime::Runtime::new()?)
+        };
         runtime.block_on(async move {
             let listener = tokio::net::TcpListener::bind(self.listen)
                 .await
@@ -57,22 +63,17 @@ impl ApiArgs {
         })
     }
 
-    /// The backend the API talks to.
-    ///
-    /// Swarm mode will branch here: with `--initial-peers`, build the swarm
-    /// client's backend instead of loading the model locally.
-    fn backend(&self) -> Result<Arc<dyn Backend>> {
-        let id = match &self.model_id {
-            Some(id) => id.clone(),
-            None => model::resolve_model(&self.model.model)?
-                .file_stem()
-                .map(|s| s.to_string_lossy().into_owned())
-                .context("cannot derive a model id from the path; pass --model-id")?,
+    /// The whole model loaded in this process.
+    fn local_backend(&self) -> Result<Arc<dyn Backend>> {
+        let path = model::resolve_model(&self.model.model)?;
+        let id = model_id(&path, self.swarm.model_id.as_deref())?;
+        let loaded = self.model.load(&self.swarm)?;
+        let Blocks::Local(model) = loaded.blocks else {
+            unreachable!("without --initial-peers the blocks load locally")
         };
-        let loaded = self.model.load()?;
         Ok(Arc::new(LocalBackend::new(
             id,
-            loaded.model,
+            model,
             loaded.tokenizer,
             loaded.template,
             loaded.max_length,

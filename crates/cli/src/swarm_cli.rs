@@ -82,8 +82,9 @@ pub struct SwarmArgs {
     /// /ip4/1.2.3.4/tcp/31337/p2p/12D3Koo...); without it, locally.
     #[arg(long, num_args = 1..)]
     pub initial_peers: Vec<Multiaddr>,
-    /// The model's id in the swarm (default: the checkpoint's file name
-    /// without extension, as `serve` announces it).
+    /// The model's id in the swarm, and the `model` API clients name
+    /// (default: the checkpoint's file name without extension, as `serve`
+    /// announces it).
     #[arg(long)]
     pub model_id: Option<String>,
     /// Private swarm: the pre-shared key file its servers use.

@@ -1,7 +1,8 @@
 //! The default model served by `hypertensor serve` processes on 127.0.0.1
 //! and used by `hypertensor generate --initial-peers`: greedy output through
 //! the swarm equals local output token for token, also when a server is
-//! killed with SIGKILL mid-generation; eight clients at once all complete.
+//! killed with SIGKILL mid-generation; eight clients at once all complete;
+//! `hypertensor api` answers over the same swarm and its monitor shows it.
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
@@ -110,6 +111,19 @@ impl Swarm {
         ]);
         c
     }
+
+    /// `hypertensor SUBCOMMAND` as a client of this swarm.
+    fn command(&self, subcommand: &str) -> Command {
+        let mut c = hypertensor(self.cache.path());
+        c.args([subcommand, "--model", self.model.to_str().unwrap()])
+            .args([
+                "--model-id",
+                "smollm2",
+                "--initial-peers",
+                &self.boot_addr(),
+            ]);
+        c
+    }
 }
 
 /// Greedy `generate` of 40 tokens at most.
@@ -176,6 +190,58 @@ fn three_servers_answer_eight_clients_as_one_process_would() {
         );
         assert!(String::from_utf8(out.stdout).unwrap().contains("Paris"));
     }
+
+    // The OpenAI-compatible API over the same swarm, and its monitor.
+    let mut api = Killed(
+        swarm
+            .command("api")
+            .args(["--listen", "127.0.0.1:0"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut lines = BufReader::new(api.0.stdout.take().unwrap()).lines();
+    let listening = lines.next().unwrap().unwrap();
+    std::thread::spawn(move || lines.for_each(drop));
+    let addr = listening
+        .strip_prefix("api listening on http://")
+        .expect("the api prints its address");
+    let body = serde_json::json!({
+        "model": "smollm2",
+        "messages": [{"role": "user", "content": PROMPT}],
+        "temperature": 0,
+        "max_tokens": 40,
+    });
+    let (status, reply) = http(addr, "POST", "/v1/chat/completions", &body.to_string());
+    assert_eq!(status, 200, "{reply}");
+    let reply: serde_json::Value = serde_json::from_str(&reply).unwrap();
+    let content = reply["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(content.contains("Paris"), "{content}");
+    let (status, state) = http(addr, "GET", "/api/v1/state", "");
+    assert_eq!(status, 200);
+    let state: serde_json::Value = serde_json::from_str(&state).unwrap();
+    let model = &state["models"][0];
+    assert_eq!(model["id"], "smollm2");
+    assert_eq!(model["servers"].as_array().unwrap().len(), 3);
+    assert_eq!(model["coverage"], serde_json::json!(vec![1; 30]));
+}
+
+/// One HTTP/1.1 exchange; returns the status and the body.
+fn http(addr: &str, method: &str, path: &str, body: &str) -> (u16, String) {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut response = String::new();
+    s.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    (status, body.to_string())
 }
 
 #[test]
