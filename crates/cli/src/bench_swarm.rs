@@ -14,6 +14,7 @@ use model::{GenerationRequest, LoadOptions, LocalBlocks, SamplingParams};
 use server::{Server, ServerConfig, SpanChoice};
 
 use crate::local::ModelArgs;
+use crate::swarm_cmd::split;
 
 /// Options of `bench swarm`.
 #[derive(Debug, Args)]
@@ -195,12 +196,4 @@ fn row(setup: &str, g: &model::Generation) -> Row {
         decode_tokens_per_s: decoded / g.decode_time.as_secs_f64().max(1e-9),
         time_to_first_token_ms: g.prefill_time.as_secs_f64() * 1e3,
     }
-}
-
-/// `n` contiguous spans splitting `blocks` as evenly as possible.
-fn split(blocks: u32, n: u32) -> Vec<(u32, u32)> {
-    let n = n.clamp(1, blocks);
-    (0..n)
-        .map(|i| (blocks * i / n, blocks * (i + 1) / n))
-        .collect()
 }

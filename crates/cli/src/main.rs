@@ -8,6 +8,7 @@ mod bench_swarm;
 mod ledger_cli;
 mod local;
 mod swarm_cli;
+mod swarm_cmd;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -40,6 +41,9 @@ enum Command {
     Keygen(swarm_cli::KeygenArgs),
     /// Serve a span of a model's blocks to the swarm.
     Serve(swarm_cli::ServeArgs),
+    /// A local swarm in one command: a bootstrap peer, server processes
+    /// splitting the model, and the API, web chat and monitor over them.
+    Swarm(swarm_cmd::SwarmCmd),
     /// Measure speed and memory.
     #[command(subcommand)]
     Bench(bench::BenchCmd),
@@ -78,6 +82,7 @@ fn main() -> Result<()> {
         Command::Api(args) => args.run(),
         Command::Keygen(args) => args.run(),
         Command::Serve(args) => args.run(),
+        Command::Swarm(cmd) => cmd.run(),
         Command::Bench(cmd) => cmd.run(),
         Command::Key(cmd) => cmd.run(),
         Command::Chain(cmd) => cmd.run(),

@@ -292,3 +292,62 @@ fn a_server_killed_mid_generation_is_replaced_without_changing_the_answer() {
         "no failover happened: {log:?}"
     );
 }
+
+#[test]
+fn the_swarm_command_serves_the_api_and_stops_cleanly_on_ctrl_c() {
+    let Some(model) = default_model() else { return };
+    let cache = tempfile::tempdir().unwrap();
+    let mut swarm = Killed(
+        hypertensor(cache.path())
+            .args(["swarm", "--servers", "3", "--listen", "127.0.0.1:0"])
+            .args(["--model", model.to_str().unwrap()])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut lines = BufReader::new(swarm.0.stdout.take().unwrap()).lines();
+    let printed: Vec<String> = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .take_while(|l| !l.starts_with("join:"))
+        .collect();
+    std::thread::spawn(move || lines.for_each(drop));
+    assert_eq!(
+        printed
+            .iter()
+            .filter(|l| l.starts_with("serving blocks"))
+            .count(),
+        3,
+        "{printed:?}"
+    );
+    let addr = printed
+        .iter()
+        .find_map(|l| l.strip_prefix("chat:    http://"))
+        .expect("the chat URL is printed")
+        .trim_end_matches('/')
+        .to_string();
+    let (status, models) = http(&addr, "GET", "/v1/models", "");
+    assert_eq!(status, 200);
+    assert!(models.contains("SmolLM2-135M-Instruct.Q4_1"), "{models}");
+    let body = serde_json::json!({
+        "model": "SmolLM2-135M-Instruct.Q4_1",
+        "messages": [{"role": "user", "content": PROMPT}],
+        "temperature": 0,
+        "max_tokens": 12,
+    });
+    let (status, reply) = http(&addr, "POST", "/v1/chat/completions", &body.to_string());
+    assert_eq!(status, 200, "{reply}");
+    assert!(reply.contains("Paris"), "{reply}");
+
+    // SAFETY: kill(2) on the child we spawned.
+    unsafe { libc::kill(swarm.0.id() as libc::pid_t, libc::SIGINT) };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = swarm.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(std::time::Instant::now() < deadline, "swarm did not stop");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert!(status.success(), "{status:?}");
+}
