@@ -178,6 +178,9 @@ pub struct ServeArgs {
     /// Compute threads (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (port 0 picks one).
+    #[arg(long)]
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// Parses `START:END`.
@@ -232,6 +235,10 @@ impl ServeArgs {
             for addr in node.dialable_addrs() {
                 let _ = writeln!(out, "listening on {addr}");
             }
+            if let Some(listen) = self.metrics_listen {
+                let bound = serve_metrics(listen, server.metrics()).await?;
+                let _ = writeln!(out, "metrics on http://{bound}/metrics");
+            }
             let _ = out.flush();
             drop(out);
             tokio::signal::ctrl_c().await?;
@@ -241,4 +248,29 @@ impl ServeArgs {
             Ok(())
         })
     }
+}
+
+/// Serves `GET /metrics` in the background; returns the bound address.
+async fn serve_metrics(
+    listen: std::net::SocketAddr,
+    metrics: server::metrics::MetricsHandle,
+) -> Result<std::net::SocketAddr> {
+    use axum::http::header::CONTENT_TYPE;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen for metrics on {listen}"))?;
+    let bound = listener.local_addr()?;
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let text = metrics.render();
+            async move { ([(CONTENT_TYPE, server::metrics::CONTENT_TYPE)], text) }
+        }),
+    );
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!("metrics endpoint stopped: {e}");
+        }
+    });
+    Ok(bound)
 }

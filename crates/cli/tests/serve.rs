@@ -167,6 +167,43 @@ fn two_server_processes_cover_a_model() {
     });
 }
 
+#[test]
+fn serve_exposes_prometheus_metrics() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny.gguf");
+    model::testing::write_gguf(&model, 4, GgmlDType::Q4_0);
+    let mut child = hypertensor(dir.path())
+        .arg("serve")
+        .args(["--listen", "/ip4/127.0.0.1/tcp/0", "--new-swarm"])
+        .args(["--model", model.to_str().unwrap(), "--blocks", "1:3"])
+        .args(["--metrics-listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let _child = Killed(child);
+    let url = lines
+        .map_while(Result::ok)
+        .find_map(|l| l.strip_prefix("metrics on http://").map(str::to_string))
+        .expect("serve prints the metrics address");
+    let addr = url.strip_suffix("/metrics").unwrap();
+    let mut conn = std::net::TcpStream::connect(addr).unwrap();
+    write!(conn, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut page = String::new();
+    conn.read_to_string(&mut page).unwrap();
+    assert!(page.starts_with("HTTP/1.0 200"), "{page}");
+    assert!(page.contains("application/openmetrics-text"), "{page}");
+    for line in [
+        "hypertensor_server_span_start 1",
+        "hypertensor_server_span_end 3",
+        "hypertensor_server_sessions_active 0",
+        "hypertensor_server_cache_tokens 65536",
+    ] {
+        assert!(page.contains(line), "missing {line:?} in\n{page}");
+    }
+}
+
 unsafe extern "C" {
     #[link_name = "kill"]
     fn libc_kill(pid: i32, sig: i32) -> i32;

@@ -69,6 +69,18 @@ pub struct ServerConfig {
     pub bandwidth_mbps: f64,
     /// Run concurrent sessions' decode steps as one batched pass.
     pub batching: bool,
+    /// Deliberate misbehaviour, so tests can check that validators catch it.
+    /// Only test builds have it; no command-line flag reaches it.
+    #[cfg(feature = "fault-injection")]
+    pub fault: Option<Fault>,
+}
+
+/// A way for a test server to cheat.
+#[cfg(feature = "fault-injection")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Shift every returned activation by 0.5: plausible shapes, wrong values.
+    CorruptActivations,
 }
 
 impl ServerConfig {
@@ -89,6 +101,8 @@ impl ServerConfig {
             throughput_cache: None,
             bandwidth_mbps: 100.0,
             batching: true,
+            #[cfg(feature = "fault-injection")]
+            fault: None,
         }
     }
 }

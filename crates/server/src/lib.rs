@@ -13,6 +13,7 @@
 pub mod budget;
 pub mod config;
 pub mod error;
+pub mod metrics;
 pub mod placement;
 pub mod testing;
 pub mod throughput;
@@ -22,6 +23,8 @@ mod server;
 mod session;
 mod state;
 
+#[cfg(feature = "fault-injection")]
+pub use config::Fault;
 pub use config::{Limits, ServerConfig, SpanChoice};
 pub use error::ServerError;
 pub use server::Server;

@@ -14,6 +14,7 @@ use wire::{ServerInfo, ServerState, Span, Throughput};
 
 use crate::config::{ServerConfig, SpanChoice};
 use crate::error::ServerError;
+use crate::metrics::MetricsHandle;
 use crate::placement::{self, Peer};
 use crate::session::serve_stream;
 use crate::state::Shared;
@@ -146,6 +147,7 @@ impl Server {
             weights,
             info,
             config.batching,
+            corrupt(&config),
         ));
         let mut incoming = node.accept_inference()?;
         let (stop, stopped) = watch::channel(false);
@@ -204,6 +206,12 @@ impl Server {
         self.shared.budget.free()
     }
 
+    /// A handle that renders the server's Prometheus metrics; it stays
+    /// valid (frozen at the last values) after shutdown.
+    pub fn metrics(&self) -> MetricsHandle {
+        MetricsHandle(self.shared.clone())
+    }
+
     /// Announces Offline, stops accepting streams and stops the background
     /// tasks. Open sessions end when their streams do.
     pub async fn shutdown(self) {
@@ -228,6 +236,16 @@ impl Server {
         }
         tracing::info!("offline");
     }
+}
+
+#[cfg(feature = "fault-injection")]
+fn corrupt(config: &ServerConfig) -> bool {
+    config.fault == Some(crate::config::Fault::CorruptActivations)
+}
+
+#[cfg(not(feature = "fault-injection"))]
+fn corrupt(_: &ServerConfig) -> bool {
+    false
 }
 
 /// Other servers of `model` that are not offline, as placement sees them.

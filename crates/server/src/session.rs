@@ -9,6 +9,7 @@
 
 use std::ops::Range;
 use std::sync::Arc;
+use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 use futures::AsyncWriteExt;
@@ -35,6 +36,7 @@ enum Next {
 pub(crate) async fn serve_stream(shared: Arc<Shared>, peer: PeerId, mut stream: Stream) {
     let Some(_admission) = shared.admit(peer) else {
         let _ = reply(
+            &shared,
             &mut stream,
             Response::error(
                 ErrorCode::TooManyRequests,
@@ -68,11 +70,14 @@ pub(crate) async fn serve_stream(shared: Arc<Shared>, peer: PeerId, mut stream: 
             Response::error(ErrorCode::BadRequest, "open a session before sending steps")
         }
     };
-    let _ = reply(&mut stream, response).await;
+    let _ = reply(&shared, &mut stream, response).await;
     let _ = stream.close().await;
 }
 
-async fn reply(stream: &mut Stream, response: Response) -> Result<(), FrameError> {
+async fn reply(shared: &Shared, stream: &mut Stream, response: Response) -> Result<(), FrameError> {
+    if let Response::Error(e) = &response {
+        shared.metrics.error(e.code);
+    }
     write_frame(stream, &response).await
 }
 
@@ -98,7 +103,7 @@ async fn next(shared: &Shared, stream: &mut Stream) -> Next {
             return Next::End;
         }
     };
-    let _ = reply(stream, Response::error(code, message)).await;
+    let _ = reply(shared, stream, Response::error(code, message)).await;
     if end { Next::End } else { Next::Skipped }
 }
 
@@ -150,8 +155,15 @@ fn hidden_tensor(shared: &Shared, t: &WireTensor) -> Result<(Tensor, [usize; 3])
     Ok((tensor, dims))
 }
 
-fn encode(t: &Tensor, compression: Compression) -> Result<WireTensor, Response> {
+fn encode(shared: &Shared, t: &Tensor, compression: Compression) -> Result<WireTensor, Response> {
     let internal = |e: &dyn std::fmt::Display| Response::error(ErrorCode::Internal, e.to_string());
+    let tampered;
+    let t = if shared.corrupt {
+        tampered = t.affine(1.0, 0.5).map_err(|e| internal(&e))?;
+        &tampered
+    } else {
+        t
+    };
     let values = t
         .flatten_all()
         .and_then(|f| f.to_vec1::<f32>())
@@ -164,11 +176,12 @@ async fn run_session(shared: &Arc<Shared>, peer: PeerId, stream: &mut Stream, op
     let (weights, _reservation) = match opened {
         Ok(ok) => ok,
         Err(response) => {
-            let _ = reply(stream, response).await;
+            let _ = reply(shared, stream, response).await;
             return;
         }
     };
     if reply(
+        shared,
         stream,
         Response::Opened {
             max_length: open.max_length,
@@ -180,6 +193,7 @@ async fn run_session(shared: &Arc<Shared>, peer: PeerId, stream: &mut Stream, op
         return;
     }
     tracing::debug!(%peer, span = %open.span, max_length = open.max_length, "session opened");
+    let _open = shared.metrics.session();
     let mut cache = SpanCache::new(open.span.len() as usize, open.max_length as usize);
     loop {
         let response = match next(shared, stream).await {
@@ -196,7 +210,7 @@ async fn run_session(shared: &Arc<Shared>, peer: PeerId, stream: &mut Stream, op
                 "a session stream carries only steps and close",
             ),
         };
-        if reply(stream, response).await.is_err() {
+        if reply(shared, stream, response).await.is_err() {
             break;
         }
     }
@@ -273,6 +287,7 @@ async fn session_step(
     }
     // Replay after a failover or a rejected draft rewinds the cache.
     cache.truncate(position);
+    let start = Instant::now();
     let owned = std::mem::replace(cache, SpanCache::new(0, 0));
     let (result, owned) = shared
         .compute
@@ -281,7 +296,8 @@ async fn session_step(
         .ok_or_else(|| Response::error(ErrorCode::Internal, "the compute worker stopped"))?;
     *cache = owned;
     let out = result.map_err(model_error)?;
-    Ok(Response::Step(encode(&out, open.compression)?))
+    shared.metrics.computed("step", b * t, start);
+    Ok(Response::Step(encode(shared, &out, open.compression)?))
 }
 
 async fn forward(shared: &Shared, req: ForwardRequest) -> Response {
@@ -290,13 +306,15 @@ async fn forward(shared: &Shared, req: ForwardRequest) -> Response {
         let (x, [b, t, _]) = hidden_tensor(shared, &req.hidden)?;
         let _reservation = reserve_pass(shared, b, t)?;
         let range = blocks(req.span);
+        let start = Instant::now();
         let out = tokio::task::spawn_blocking(move || {
             weights.forward_range(range.clone(), &x, &mut SpanCache::new(range.len(), t))
         })
         .await
         .map_err(|e| Response::error(ErrorCode::Internal, e.to_string()))?
         .map_err(model_error)?;
-        Ok(Response::Forward(encode(&out, req.compression)?))
+        shared.metrics.computed("forward", b * t, start);
+        Ok(Response::Forward(encode(shared, &out, req.compression)?))
     };
     run.await.unwrap_or_else(|e| e)
 }
@@ -315,11 +333,13 @@ async fn backward(shared: &Shared, req: BackwardRequest) -> Response {
         }
         let _reservation = reserve_pass(shared, b, t)?;
         let range = blocks(req.span);
+        let start = Instant::now();
         let grad = tokio::task::spawn_blocking(move || weights.backward_range(range, &x, &g))
             .await
             .map_err(|e| Response::error(ErrorCode::Internal, e.to_string()))?
             .map_err(model_error)?;
-        Ok(Response::Backward(encode(&grad, req.compression)?))
+        shared.metrics.computed("backward", b * t, start);
+        Ok(Response::Backward(encode(shared, &grad, req.compression)?))
     };
     run.await.unwrap_or_else(|e| e)
 }

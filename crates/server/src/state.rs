@@ -10,6 +10,7 @@ use wire::ServerInfo;
 use crate::budget::CacheBudget;
 use crate::compute::Compute;
 use crate::config::Limits;
+use crate::metrics::ServerMetrics;
 
 pub(crate) struct Shared {
     pub(crate) model_id: String,
@@ -17,6 +18,9 @@ pub(crate) struct Shared {
     pub(crate) limits: Limits,
     pub(crate) budget: CacheBudget,
     pub(crate) compute: Compute,
+    pub(crate) metrics: ServerMetrics,
+    /// Return wrong activations (a test fault; always false otherwise).
+    pub(crate) corrupt: bool,
     /// The hosted blocks; replaced when the server moves. Sessions keep the
     /// weights they opened with.
     span: RwLock<Arc<BlockSpan>>,
@@ -37,11 +41,14 @@ impl Shared {
         span: Arc<BlockSpan>,
         info: ServerInfo,
         batching: bool,
+        corrupt: bool,
     ) -> Self {
         Self {
             model_id,
             hidden: span.config().hidden_size,
             budget: CacheBudget::new(limits.cache_tokens),
+            metrics: ServerMetrics::new(limits.cache_tokens),
+            corrupt,
             compute: Compute::start(batching),
             limits,
             span: RwLock::new(span),

@@ -161,6 +161,19 @@ async fn remote_steps_match_local_compute() {
     let want = local.backward_range(1..3, &prompt, &g).unwrap();
     assert!(max_diff(&output(s.call(&bwd).await.unwrap()), &want) < 1e-4);
 
+    let metrics = f.server.metrics().render();
+    for line in [
+        "hypertensor_server_sessions_opened_total 2",
+        r#"hypertensor_server_requests_total{kind="step"} 4"#,
+        r#"hypertensor_server_requests_total{kind="forward"} 1"#,
+        r#"hypertensor_server_requests_total{kind="backward"} 1"#,
+        // 5 + 1 + 1 + 5 session positions, 5 forward, 5 backward
+        "hypertensor_server_tokens_total 22",
+        "hypertensor_server_span_end 4",
+    ] {
+        assert!(metrics.contains(line), "missing {line:?} in\n{metrics}");
+    }
+
     let mut s = f.stream().await;
     match s.call(&Request::Info).await.unwrap() {
         Response::Info(info) => {
@@ -327,6 +340,15 @@ async fn vanished_and_idle_clients_release_their_cache() {
         (f.server.cache_tokens_left() == 64).then_some(())
     })
     .await;
+    let metrics = f.server.metrics().render();
+    for line in [
+        "hypertensor_server_sessions_opened_total 2",
+        "hypertensor_server_sessions_active 0",
+        r#"hypertensor_server_errors_total{code="IdleTimeout"} 1"#,
+        "hypertensor_server_cache_tokens_left 64",
+    ] {
+        assert!(metrics.contains(line), "missing {line:?} in\n{metrics}");
+    }
     f.server.shutdown().await;
     eventually(10, || async {
         let info = f.client.server_info(&f.peer).await.unwrap()?;
