@@ -25,6 +25,49 @@ pub struct ModelState {
     /// Online servers per block (`num_blocks` entries); a 0 is a hole that
     /// stops generation.
     pub coverage: Vec<u32>,
+    /// The model's subnet as the chain records it, when the API follows one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chain: Option<ChainState>,
+}
+
+/// A subnet on the chain: its epoch and every registered node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChainState {
+    /// Subnet id.
+    pub subnet: u32,
+    /// Chain head height.
+    pub height: u64,
+    /// Current epoch.
+    pub epoch: u64,
+    /// This epoch's elected validator (a node id), once elected.
+    pub validator: Option<u32>,
+    /// Whether that validator has proposed its scores this epoch.
+    pub proposed: bool,
+    /// Node ids that attested this epoch.
+    pub attestations: Vec<u32>,
+    /// Every registered node, by id.
+    pub nodes: Vec<ChainNode>,
+}
+
+/// One registered node of a subnet.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChainNode {
+    /// Node id within the subnet.
+    pub id: u32,
+    /// Its libp2p peer id, which joins it to a server entry.
+    pub peer_id: String,
+    /// Registered, idle, included or validator.
+    pub class: String,
+    /// Bonded stake, in tokens.
+    pub stake: String,
+    /// Reputation in parts per million.
+    pub reputation_ppm: u32,
+    /// The last epoch it was scored in.
+    pub last_epoch: Option<u64>,
+    /// Its score then.
+    pub last_score: u64,
+    /// The reward added to its stake then, in tokens.
+    pub last_reward: String,
 }
 
 impl ModelState {
@@ -36,6 +79,7 @@ impl ModelState {
             num_blocks,
             servers,
             coverage,
+            chain: None,
         }
     }
 }

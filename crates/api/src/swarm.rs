@@ -1,20 +1,25 @@
 //! [`Backend`] over the swarm client: the blocks run on servers found in the
-//! DHT, and the monitor shows their announcements.
+//! DHT, and the monitor shows their announcements and, when the API follows
+//! a chain, the subnet's nodes as the ledger records them.
 
 use client::{ClientError, RemoteModel, ServerView};
 use futures::FutureExt;
 use futures::future::BoxFuture;
+use ledger::LedgerError;
+use ledger::rpc_client::LedgerClient;
+use ledger::types::{SubnetId, format_tokens};
 use model::{ChatMessage, Generation, GenerationRequest};
 use tokio::runtime::Handle;
 use wire::ServerState;
 
 use crate::backend::{Backend, BackendError};
-use crate::monitor::{ModelState, PeerState, ServerEntry, SwarmState};
+use crate::monitor::{ChainNode, ChainState, ModelState, PeerState, ServerEntry, SwarmState};
 
 /// One model served by the swarm.
 pub struct SwarmBackend {
     model: RemoteModel,
     runtime: Handle,
+    chain: Option<(LedgerClient, SubnetId)>,
 }
 
 impl std::fmt::Debug for SwarmBackend {
@@ -29,7 +34,17 @@ impl SwarmBackend {
     /// Serves `model`; `runtime` drives its network while generations run on
     /// blocking threads.
     pub fn new(model: RemoteModel, runtime: Handle) -> Self {
-        Self { model, runtime }
+        Self {
+            model,
+            runtime,
+            chain: None,
+        }
+    }
+
+    /// Also shows the model's `subnet` as `ledger` records it on the monitor.
+    pub fn with_chain(mut self, ledger: LedgerClient, subnet: SubnetId) -> Self {
+        self.chain = Some((ledger, subnet));
+        self
     }
 
     fn check(&self, model: &str) -> Result<(), BackendError> {
@@ -80,16 +95,55 @@ impl Backend for SwarmBackend {
             // A failed DHT query shows as an empty swarm, which is what the
             // client sees too.
             let servers = view.servers().await.unwrap_or_default();
+            let mut state = ModelState::new(
+                view.model(),
+                view.num_blocks(),
+                servers.iter().map(entry).collect(),
+            );
+            if let Some((ledger, subnet)) = &self.chain {
+                state.chain = match chain_state(ledger, *subnet).await {
+                    Ok(c) => Some(c),
+                    Err(e) => {
+                        tracing::warn!("cannot read subnet {subnet} from the chain: {e}");
+                        None
+                    }
+                };
+            }
             SwarmState {
-                models: vec![ModelState::new(
-                    view.model(),
-                    view.num_blocks(),
-                    servers.iter().map(entry).collect(),
-                )],
+                models: vec![state],
             }
         }
         .boxed()
     }
+}
+
+async fn chain_state(ledger: &LedgerClient, subnet: SubnetId) -> Result<ChainState, LedgerError> {
+    let epoch = ledger.epoch(subnet).await?;
+    let nodes = ledger.nodes(subnet).await?;
+    let record = epoch.record.as_ref();
+    Ok(ChainState {
+        subnet,
+        height: epoch.height,
+        epoch: epoch.epoch,
+        validator: record.map(|r| r.validator),
+        proposed: record.is_some_and(|r| r.proposal.is_some()),
+        attestations: record
+            .map(|r| r.attestations.iter().copied().collect())
+            .unwrap_or_default(),
+        nodes: nodes
+            .into_iter()
+            .map(|n| ChainNode {
+                id: n.id,
+                peer_id: n.peer_id,
+                class: format!("{:?}", n.class).to_lowercase(),
+                stake: format_tokens(n.stake),
+                reputation_ppm: n.reputation,
+                last_epoch: n.last_epoch,
+                last_score: n.last_score,
+                last_reward: format_tokens(n.last_reward),
+            })
+            .collect(),
+    })
 }
 
 fn entry(s: &ServerView) -> ServerEntry {

@@ -26,6 +26,13 @@ pub struct ApiArgs {
     /// With `--initial-peers`, the blocks run in the swarm.
     #[command(flatten)]
     pub swarm: SwarmArgs,
+    /// Show this subnet's nodes, as the chain records them, on the monitor
+    /// (with `--initial-peers` and `--chain-rpc`).
+    #[arg(long, requires_all = ["chain_rpc", "initial_peers"])]
+    pub subnet: Option<ledger::types::SubnetId>,
+    /// The chain's RPC address, http://HOST:PORT.
+    #[arg(long, requires = "subnet")]
+    pub chain_rpc: Option<String>,
 }
 
 impl ApiArgs {
@@ -37,7 +44,14 @@ impl ApiArgs {
             let runtime = tokio::runtime::Runtime::new()?;
             let max_length = checkpoint.config().max_position_embeddings as u32;
             let remote = runtime.block_on(self.swarm.connect(&checkpoint, max_length))?;
-            let backend = Arc::new(SwarmBackend::new(remote, runtime.handle().clone()));
+            let mut backend = SwarmBackend::new(remote, runtime.handle().clone());
+            if let (Some(subnet), Some(rpc)) = (self.subnet, &self.chain_rpc) {
+                let ledger = runtime
+                    .block_on(ledger::rpc_client::LedgerClient::connect(rpc))
+                    .with_context(|| format!("cannot reach the chain at {rpc}"))?;
+                backend = backend.with_chain(ledger, subnet);
+            }
+            let backend = Arc::new(backend);
             (backend, runtime)
         } else {
             (self.local_backend()?, tokio::runtime::Runtime::new()?)

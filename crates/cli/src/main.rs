@@ -5,8 +5,10 @@ mod api_cli;
 mod bench;
 mod bench_hop;
 mod bench_swarm;
+mod chain_link;
 mod ledger_cli;
 mod local;
+mod swarm_chain;
 mod swarm_cli;
 mod swarm_cmd;
 

@@ -10,6 +10,8 @@ use clap::Args;
 use p2p::{Multiaddr, Node, NodeConfig, NodeHandle};
 use server::{Server, ServerConfig, SpanChoice};
 
+use crate::chain_link::{ChainLink, ChainServeArgs};
+
 /// Options every swarm peer shares.
 #[derive(Debug, Args)]
 pub struct PeerArgs {
@@ -181,6 +183,9 @@ pub struct ServeArgs {
     /// Serve Prometheus metrics at http://ADDR/metrics (port 0 picks one).
     #[arg(long)]
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Serve as a staked node of a subnet.
+    #[command(flatten)]
+    pub chain: ChainServeArgs,
 }
 
 /// Parses `START:END`.
@@ -221,7 +226,14 @@ impl ServeArgs {
         let runtime = tokio::runtime::Runtime::new()?;
         runtime.block_on(async move {
             let node = self.peer.start("server.key").await?;
+            let link = self.chain.connect(node.peer_id()).await?;
+            config.gate = link.as_ref().and_then(ChainLink::gate);
+            let checkpoint = config.checkpoint.clone();
+            let model_id = config.model_id.clone();
             let server = Server::start(config, node.clone()).await?;
+            let _validating = link
+                .as_ref()
+                .map(|l| l.start_validator(node.clone(), &model_id, &checkpoint));
             let info = server.info();
             // Whoever started us may stop reading stdout; that is no reason to die.
             let mut out = std::io::stdout().lock();
@@ -241,7 +253,16 @@ impl ServeArgs {
             }
             let _ = out.flush();
             drop(out);
-            tokio::signal::ctrl_c().await?;
+            let following = async {
+                match &link {
+                    Some(link) => link.follow(&server).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                signal = tokio::signal::ctrl_c() => signal?,
+                () = following => {}
+            }
             eprintln!("shutting down");
             server.shutdown().await;
             node.shutdown().await;

@@ -2,6 +2,8 @@
 //! bootstrap peer in this process, `--servers` server processes splitting the
 //! model's blocks, and the API with its web chat and monitor over them, all
 //! on 127.0.0.1. Ctrl-C stops everything, each server announcing it leaves.
+//! With `--chain`, a dev chain runs beside them ([`swarm_chain`]) and the
+//! servers are its staked, validating nodes.
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -15,6 +17,7 @@ use clap::Args;
 use p2p::{Keypair, Node, NodeConfig};
 
 use crate::local::ModelArgs;
+use crate::swarm_chain;
 use crate::swarm_cli::{SwarmArgs, model_id};
 
 /// Options of `hypertensor swarm`.
@@ -28,6 +31,17 @@ pub struct SwarmCmd {
     /// Where the API, the web chat and the monitor listen.
     #[arg(long, default_value = "127.0.0.1:8000")]
     listen: SocketAddr,
+    /// Also run a dev chain: the servers become staked nodes of a subnet for
+    /// the model, validate each other every epoch and earn rewards; the
+    /// monitor shows their class, stake, reputation, scores and rewards.
+    #[arg(long)]
+    chain: bool,
+    /// Blocks per epoch of the dev chain (with --chain).
+    #[arg(long, default_value_t = 20, requires = "chain")]
+    epoch_blocks: u64,
+    /// Milliseconds between blocks of the dev chain (with --chain).
+    #[arg(long, default_value_t = 500, requires = "chain")]
+    block_ms: u64,
 }
 
 /// `n` contiguous spans splitting `blocks` as evenly as possible.
@@ -88,10 +102,35 @@ impl SwarmCmd {
             .context("the bootstrap peer has no address")?
             .to_string();
 
+        let identities: Vec<_> = (0..spans.len())
+            .map(|i| keys.join(format!("server-{i}.key")))
+            .collect();
+        let chain = if self.chain {
+            let peers = identities
+                .iter()
+                .map(|path| Ok(p2p::identity::load_or_generate(path)?.public().to_peer_id()))
+                .collect::<Result<Vec<_>>>()?;
+            let chain = runtime.block_on(swarm_chain::start(
+                &keys.join("chain"),
+                &id,
+                &peers,
+                self.epoch_blocks,
+                Duration::from_millis(self.block_ms.max(50)),
+            ))?;
+            println!(
+                "dev chain at {} (subnet {}, {}-block epochs)",
+                chain.rpc, chain.subnet, self.epoch_blocks
+            );
+            Some(chain)
+        } else {
+            None
+        };
+
         let exe = std::env::current_exe().context("finding this executable")?;
         let mut servers = Servers(Vec::new());
         for (i, &(a, b)) in spans.iter().enumerate() {
-            let mut child = Command::new(&exe)
+            let mut command = Command::new(&exe);
+            command
                 .arg("serve")
                 .args(["--model", &path.to_string_lossy(), "--model-id", &id])
                 .args(["--blocks", &format!("{a}:{b}")])
@@ -103,7 +142,15 @@ impl SwarmCmd {
                 ])
                 .args(["--threads", &threads.to_string()])
                 .arg("--identity")
-                .arg(keys.join(format!("server-{i}.key")))
+                .arg(&identities[i]);
+            if let Some(chain) = &chain {
+                command
+                    .args(["--subnet", &chain.subnet.to_string()])
+                    .args(["--chain-rpc", &chain.rpc])
+                    .arg("--hotkey")
+                    .arg(&chain.hotkeys[i]);
+            }
+            let mut child = command
                 .stdout(Stdio::piped())
                 .spawn()
                 .context("starting a server process")?;
@@ -141,7 +188,12 @@ impl SwarmCmd {
                 .context("the servers did not all come online within 120 s")?;
             anyhow::Ok(remote)
         })?;
-        let backend = Arc::new(SwarmBackend::new(remote, runtime.handle().clone()));
+        let mut backend = SwarmBackend::new(remote, runtime.handle().clone());
+        if let Some(chain) = &chain {
+            let ledger = runtime.block_on(ledger::rpc_client::LedgerClient::connect(&chain.rpc))?;
+            backend = backend.with_chain(ledger, chain.subnet);
+        }
+        let backend = Arc::new(backend);
         runtime.block_on(async {
             let listener = tokio::net::TcpListener::bind(self.listen)
                 .await
@@ -168,6 +220,9 @@ impl SwarmCmd {
         })?;
         drop(servers);
         runtime.block_on(boot.shutdown());
+        if let Some(chain) = chain {
+            runtime.block_on(chain.node.stop());
+        }
         Ok(())
     }
 }

@@ -2,30 +2,18 @@
 //! 127.0.0.1: two servers, one with fixed blocks and one placed by the swarm,
 //! together cover a tiny model; a clean Ctrl-C announces Offline.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
+
+use common::{Killed, hypertensor, interrupt};
 
 use candle_core::quantized::GgmlDType;
 use p2p::{Keypair, Multiaddr, Node, NodeConfig};
 use wire::ServerState;
-
-fn hypertensor(cache: &Path) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_hypertensor"));
-    c.env("HYPERTENSOR_CACHE", cache).env("RUST_BACKTRACE", "0");
-    c
-}
-
-/// Kills the process if the test fails before it ends it.
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// Starts `serve` and reads its announced span and first TCP address.
 fn serve(cache: &Path, args: &[&str]) -> (Killed, String, Multiaddr) {
@@ -153,8 +141,7 @@ fn two_server_processes_cover_a_model() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         };
         // Ctrl-C: the server announces Offline before it exits.
-        // SAFETY: sending a signal to our own child process.
-        unsafe { libc_kill(first.0.id() as i32, 2) };
+        interrupt(&first.0);
         assert!(first.0.wait().unwrap().success());
         loop {
             if let Some(info) = client.server_info(&first_peer).await.unwrap()
@@ -202,9 +189,4 @@ fn serve_exposes_prometheus_metrics() {
     ] {
         assert!(page.contains(line), "missing {line:?} in\n{page}");
     }
-}
-
-unsafe extern "C" {
-    #[link_name = "kill"]
-    fn libc_kill(pid: i32, sig: i32) -> i32;
 }

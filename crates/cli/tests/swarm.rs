@@ -2,11 +2,17 @@
 //! and used by `hypertensor generate --initial-peers`: greedy output through
 //! the swarm equals local output token for token, also when a server is
 //! killed with SIGKILL mid-generation; eight clients at once all complete;
-//! `hypertensor api` answers over the same swarm and its monitor shows it.
+//! `hypertensor api` answers over the same swarm and its monitor shows it;
+//! `hypertensor swarm --chain` runs it all with a dev chain whose epochs pay
+//! the servers.
+
+mod common;
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
+
+use common::{Killed, hypertensor, interrupt};
 
 use p2p::{Multiaddr, NodeHandle};
 
@@ -21,22 +27,6 @@ fn default_model() -> Option<std::path::PathBuf> {
         eprintln!("SKIPPED: default model not fetched; run `hypertensor model fetch`");
     }
     found
-}
-
-fn hypertensor(cache: &Path) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_hypertensor"));
-    c.env("HYPERTENSOR_CACHE", cache).env("RUST_BACKTRACE", "0");
-    c
-}
-
-/// Kills the process if the test ends before it does.
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// A bootstrap node in this process and server processes joined through it.
@@ -301,6 +291,7 @@ fn the_swarm_command_serves_the_api_and_stops_cleanly_on_ctrl_c() {
         hypertensor(cache.path())
             .args(["swarm", "--servers", "3", "--listen", "127.0.0.1:0"])
             .args(["--model", model.to_str().unwrap()])
+            .args(["--chain", "--epoch-blocks", "10", "--block-ms", "200"])
             .stdout(Stdio::piped())
             .spawn()
             .unwrap(),
@@ -339,8 +330,28 @@ fn the_swarm_command_serves_the_api_and_stops_cleanly_on_ctrl_c() {
     assert_eq!(status, 200, "{reply}");
     assert!(reply.contains("Paris"), "{reply}");
 
-    // SAFETY: kill(2) on the child we spawned.
-    unsafe { libc::kill(swarm.0.id() as libc::pid_t, libc::SIGINT) };
+    // With --chain the servers validate each other and get paid; the
+    // monitor shows it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let (status, state) = http(&addr, "GET", "/api/v1/state", "");
+        assert_eq!(status, 200, "{state}");
+        let state: serde_json::Value = serde_json::from_str(&state).unwrap();
+        let nodes = state["models"][0]["chain"]["nodes"].as_array().cloned();
+        let nodes = nodes.unwrap_or_default();
+        let paid = |n: &serde_json::Value| n["last_score"].as_u64().is_some_and(|s| s > 0);
+        if nodes.len() == 3 && nodes.iter().all(paid) {
+            assert!(nodes.iter().all(|n| n["class"] == "validator"), "{nodes:?}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no paid epoch shown: {state}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+
+    interrupt(&swarm.0);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     let status = loop {
         if let Some(status) = swarm.0.try_wait().unwrap() {

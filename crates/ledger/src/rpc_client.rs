@@ -5,6 +5,7 @@
 //! It speaks WebSocket (subscriptions need it); `http://` URLs are accepted
 //! and mapped to `ws://` on the same port, since the server serves both.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use jsonrpsee::core::client::{ClientT, Subscription, SubscriptionClientT};
@@ -22,10 +23,11 @@ use crate::types::{
     Subnet, SubnetId, TxLocation, Unbonding, Vault,
 };
 
-/// A connected ledger RPC client.
+/// A connected ledger RPC client; clones share one connection.
+#[derive(Clone)]
 pub struct LedgerClient {
-    inner: WsClient,
-    chain_id: tokio::sync::OnceCell<String>,
+    inner: Arc<WsClient>,
+    chain_id: Arc<tokio::sync::OnceCell<String>>,
 }
 
 impl std::fmt::Debug for LedgerClient {
@@ -65,8 +67,8 @@ impl LedgerClient {
             .await
             .map_err(|e| LedgerError::Rpc(format!("cannot connect to {url}: {e}")))?;
         Ok(LedgerClient {
-            inner,
-            chain_id: tokio::sync::OnceCell::new(),
+            inner: Arc::new(inner),
+            chain_id: Arc::new(tokio::sync::OnceCell::new()),
         })
     }
 

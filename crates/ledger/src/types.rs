@@ -288,6 +288,13 @@ pub struct Node {
     pub consensus_epochs: u32,
     /// Height of registration.
     pub registered_at: u64,
+    /// The last attested epoch in which it was Included or above, or `None`.
+    pub last_epoch: Option<u64>,
+    /// Its score in that epoch (0 when the validator gave it none).
+    pub last_score: u64,
+    /// The reward added to its stake for that epoch.
+    #[serde(with = "amount")]
+    pub last_reward: Amount,
 }
 
 /// A delegate-stake vault of one subnet. Delegators hold shares of it;

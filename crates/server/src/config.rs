@@ -2,7 +2,10 @@
 //! enforces on every peer.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
+
+use crate::gate::PeerGate;
 
 /// Which blocks to host.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -69,6 +72,8 @@ pub struct ServerConfig {
     pub bandwidth_mbps: f64,
     /// Run concurrent sessions' decode steps as one batched pass.
     pub batching: bool,
+    /// Who may use the server; `None` serves everyone.
+    pub gate: Option<Arc<dyn PeerGate>>,
     /// Deliberate misbehaviour, so tests can check that validators catch it.
     /// Only test builds have it; no command-line flag reaches it.
     #[cfg(feature = "fault-injection")]
@@ -101,6 +106,7 @@ impl ServerConfig {
             throughput_cache: None,
             bandwidth_mbps: 100.0,
             batching: true,
+            gate: None,
             #[cfg(feature = "fault-injection")]
             fault: None,
         }

@@ -4,15 +4,18 @@
 //! [`Server::start`] measures the machine's [throughput], picks its blocks
 //! ([`placement`]), announces itself in the DHT, and answers inference
 //! streams, one state machine per stream ([`session`]), within the [`Limits`]
-//! and the KV-cache [`budget`]. With an automatic span it keeps checking
-//! whether the swarm needs its blocks elsewhere.
+//! and the KV-cache [`budget`], admitting only the peers its [`gate`] lets
+//! in. With an automatic span it keeps checking whether the swarm needs its
+//! blocks elsewhere.
 //!
-//! Neighbours: `model` (compute) and `wire` below, `p2p` beside; the `cli`
+//! Neighbours: `model` (compute), `wire` and the `ledger` client (stake) below,
+//! `p2p` beside; the `cli`
 //! wires it up as `hypertensor serve`.
 
 pub mod budget;
 pub mod config;
 pub mod error;
+pub mod gate;
 pub mod metrics;
 pub mod placement;
 pub mod testing;
@@ -27,4 +30,5 @@ mod state;
 pub use config::Fault;
 pub use config::{Limits, ServerConfig, SpanChoice};
 pub use error::ServerError;
+pub use gate::{PeerGate, StakeGate};
 pub use server::Server;

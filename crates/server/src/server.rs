@@ -2,6 +2,7 @@
 //! and go offline cleanly.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -148,6 +149,7 @@ impl Server {
             info,
             config.batching,
             corrupt(&config),
+            config.gate.clone(),
         ));
         let mut incoming = node.accept_inference()?;
         let (stop, stopped) = watch::channel(false);
@@ -199,6 +201,13 @@ impl Server {
     /// The record currently announced.
     pub fn info(&self) -> ServerInfo {
         self.shared.info()
+    }
+
+    /// Announces in the DHT (`true`, the start) or withdraws: `false`
+    /// announces Offline once and then stays silent until listed again.
+    /// Chain-connected servers are listed only while registered.
+    pub fn set_listed(&self, listed: bool) {
+        self.shared.listed.store(listed, Ordering::Relaxed);
     }
 
     /// KV-cache positions not reserved by sessions.
@@ -277,9 +286,18 @@ impl Context {
             .find_servers(&self.config.model_id, self.num_blocks)
             .await
             .unwrap_or_default();
+        let listed = self.shared.listed.load(Ordering::Relaxed);
+        if !listed && self.shared.info().state == ServerState::Offline {
+            return Ok(());
+        }
         let free = self.shared.budget.free();
         let ttl = 2 * self.config.announce_period.as_millis() as u64;
         let info = self.shared.update_info(|i| {
+            i.state = if listed {
+                ServerState::Online
+            } else {
+                ServerState::Offline
+            };
             i.cache_tokens_left = free;
             i.expires_at_ms = now_ms() + ttl.min(self.node.max_record_ttl_ms());
             i.addrs = self

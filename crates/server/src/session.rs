@@ -23,6 +23,9 @@ use wire::{
 
 use crate::state::Shared;
 
+/// The largest first request read from a peer the gate refuses.
+const REFUSED_FRAME_BYTES: usize = 64 * 1024;
+
 /// What the next read gave.
 enum Next {
     Request(Request),
@@ -34,6 +37,31 @@ enum Next {
 
 /// Serves one inbound stream to completion.
 pub(crate) async fn serve_stream(shared: Arc<Shared>, peer: PeerId, mut stream: Stream) {
+    if let Some(gate) = &shared.gate
+        && let Err(why) = gate.admit(&peer).await
+    {
+        tracing::debug!(%peer, "refused: {why}");
+        // Take the request off the wire first (within a small bound, since
+        // nobody vouches for this peer): dropping a stream that is still
+        // being written resets it, and the peer would see a reset instead
+        // of the reason.
+        let small = FrameLimits {
+            max_frame_bytes: REFUSED_FRAME_BYTES,
+        };
+        let _ = tokio::time::timeout(
+            shared.limits.idle_timeout,
+            read_frame::<_, Request>(&mut stream, &small),
+        )
+        .await;
+        let _ = reply(
+            &shared,
+            &mut stream,
+            Response::error(ErrorCode::Forbidden, why),
+        )
+        .await;
+        let _ = stream.close().await;
+        return;
+    }
     let Some(_admission) = shared.admit(peer) else {
         let _ = reply(
             &shared,

@@ -1,6 +1,7 @@
 //! State shared by the server's tasks and its sessions.
 
 use std::collections::HashMap;
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use libp2p::PeerId;
@@ -10,6 +11,7 @@ use wire::ServerInfo;
 use crate::budget::CacheBudget;
 use crate::compute::Compute;
 use crate::config::Limits;
+use crate::gate::PeerGate;
 use crate::metrics::ServerMetrics;
 
 pub(crate) struct Shared {
@@ -21,6 +23,10 @@ pub(crate) struct Shared {
     pub(crate) metrics: ServerMetrics,
     /// Return wrong activations (a test fault; always false otherwise).
     pub(crate) corrupt: bool,
+    /// Who may open streams.
+    pub(crate) gate: Option<Arc<dyn PeerGate>>,
+    /// Whether to announce in the DHT (false while not registered on chain).
+    pub(crate) listed: AtomicBool,
     /// The hosted blocks; replaced when the server moves. Sessions keep the
     /// weights they opened with.
     span: RwLock<Arc<BlockSpan>>,
@@ -42,6 +48,7 @@ impl Shared {
         info: ServerInfo,
         batching: bool,
         corrupt: bool,
+        gate: Option<Arc<dyn PeerGate>>,
     ) -> Self {
         Self {
             model_id,
@@ -49,6 +56,8 @@ impl Shared {
             budget: CacheBudget::new(limits.cache_tokens),
             metrics: ServerMetrics::new(limits.cache_tokens),
             corrupt,
+            gate,
+            listed: AtomicBool::new(true),
             compute: Compute::start(batching),
             limits,
             span: RwLock::new(span),

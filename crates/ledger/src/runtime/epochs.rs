@@ -423,9 +423,13 @@ fn pay_epoch(
             continue;
         }
         let score = score_of.get(&n.id).copied().unwrap_or(0);
+        n.last_epoch = Some(rec.epoch);
+        n.last_score = score;
+        n.last_reward = 0;
         if score > 0 {
             let reward = math::mul_div(pool, score as u128, total).unwrap_or(0);
             n.stake = n.stake.saturating_add(reward);
+            n.last_reward = reward;
             paid += reward;
             n.reputation = math::ppm_add(n.reputation, p.node_reputation_gain);
             n.consensus_epochs = n.consensus_epochs.saturating_add(1);

@@ -117,6 +117,9 @@ pub fn register(
             class: NodeClass::Registered,
             reputation: rt.params.node_initial_reputation,
             consensus_epochs: 0,
+            last_epoch: None,
+            last_score: 0,
+            last_reward: 0,
             registered_at: ctx.height,
         },
     );
