@@ -92,6 +92,11 @@ pub struct SwarmArgs {
     /// Private swarm: the pre-shared key file its servers use.
     #[arg(long)]
     pub swarm_key: Option<PathBuf>,
+    /// This client's peer identity key file (created when missing; default:
+    /// a throwaway identity). Servers that `--require-stake` serve an API
+    /// gateway whose peer id is registered as a node of their subnet.
+    #[arg(long)]
+    pub client_identity: Option<PathBuf>,
 }
 
 impl SwarmArgs {
@@ -100,8 +105,9 @@ impl SwarmArgs {
         !self.initial_peers.is_empty()
     }
 
-    /// Joins the swarm with a throwaway identity (clients need no reputation)
-    /// and loads the client's half of `checkpoint`.
+    /// Joins the swarm (with a throwaway identity unless one is given:
+    /// clients need no reputation) and loads the client's half of
+    /// `checkpoint`.
     pub async fn connect(
         &self,
         checkpoint: &model::Checkpoint,
@@ -119,7 +125,11 @@ impl SwarmArgs {
                 .with_context(|| format!("reading swarm key {}", file.display()))?;
             config.psk = Some(p2p::parse_psk(&text)?);
         }
-        let node = Node::start(p2p::Keypair::generate_ed25519(), config).await?;
+        let key = match &self.client_identity {
+            Some(path) => p2p::identity::load_or_generate(path)?,
+            None => p2p::Keypair::generate_ed25519(),
+        };
+        let node = Node::start(key, config).await?;
         let id = model_id(checkpoint.path(), self.model_id.as_deref())?;
         let view = client::SwarmView::new(node, id, checkpoint.config().num_blocks as u32);
         let session = client::SessionConfig {

@@ -169,6 +169,7 @@ impl SwarmCmd {
             initial_peers: vec![boot_addr.parse()?],
             model_id: Some(id.clone()),
             swarm_key: None,
+            client_identity: None,
         };
         let max_length = checkpoint.config().max_position_embeddings as u32;
         let remote = runtime.block_on(async {

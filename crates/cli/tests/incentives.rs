@@ -119,6 +119,38 @@ fn honest_nodes_earn_while_a_cheater_and_a_dropout_lose() {
         "owner.key",
         &["register-subnet", "--name", MODEL_ID, "--min-stake", "10"],
     );
+    // An unregistered peer id cannot serve the subnet.
+    let refused = hypertensor(cache)
+        .arg("serve")
+        .args(["--model", model.to_str().unwrap(), "--model-id", MODEL_ID])
+        .args([
+            "--blocks",
+            "0:4",
+            "--new-swarm",
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+        ])
+        .args(["--identity", &p("peer0.key")])
+        .args([
+            "--subnet",
+            "1",
+            "--chain-rpc",
+            &rpc,
+            "--hotkey",
+            &p("hot0.key"),
+        ])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    let why = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        why.contains(&format!(
+            "peer {} is not a registered node of subnet 1",
+            peer_ids[0]
+        )) && why.contains("hypertensor tx register-node"),
+        "{why}"
+    );
+
     for (i, peer) in peer_ids.iter().enumerate() {
         tx(
             &format!("cold{i}.key"),
