@@ -119,6 +119,14 @@ async fn a_vanished_server_is_replaced_and_its_inputs_replayed() {
         .find(|(_, n)| n.peer_id() == victim)
         .unwrap();
     node.shutdown().await;
+    // The swarm task has stopped; its connections close on their own tasks
+    // a moment later. Step only once the client has seen them go, or a step
+    // could still reach the victim.
+    eventually(10, || async {
+        let peers = s.view.node().connected_peers().await.ok()?;
+        (!peers.contains(&victim)).then_some(())
+    })
+    .await;
     for x in &xs[4..] {
         let want = s.local.forward(x, &mut cache).unwrap();
         assert!(max_diff(&session.step(x).await.unwrap(), &want) < 1e-5);
