@@ -242,6 +242,7 @@ impl EventLoop {
                 event = self.swarm.select_next_some() => self.on_swarm_event(event),
                 command = commands.recv() => match command {
                     Some(Command::Shutdown { reply }) => {
+                        self.close_connections().await;
                         let _ = reply.send(());
                         break;
                     }
@@ -251,6 +252,25 @@ impl EventLoop {
             }
         }
         tracing::debug!("p2p node stopped");
+    }
+
+    /// Closes every connection and waits, briefly, until they are gone.
+    /// Dropping the swarm alone leaves each connection's task running until
+    /// it notices, and streams still open on it keep answering: peers would
+    /// not see this node leave.
+    async fn close_connections(&mut self) {
+        let peers: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
+        for peer in peers {
+            let _ = self.swarm.disconnect_peer_id(peer);
+        }
+        let deadline = tokio::time::sleep(Duration::from_secs(2));
+        tokio::pin!(deadline);
+        while self.swarm.connected_peers().next().is_some() {
+            tokio::select! {
+                _ = self.swarm.select_next_some() => {}
+                () = &mut deadline => break,
+            }
+        }
     }
 
     fn on_command(&mut self, command: Command) {
