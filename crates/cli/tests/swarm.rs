@@ -291,7 +291,7 @@ fn the_swarm_command_serves_the_api_and_stops_cleanly_on_ctrl_c() {
         hypertensor(cache.path())
             .args(["swarm", "--servers", "3", "--listen", "127.0.0.1:0"])
             .args(["--model", model.to_str().unwrap()])
-            .args(["--chain", "--epoch-blocks", "10", "--block-ms", "200"])
+            .args(["--chain", "--epoch-blocks", "12", "--block-ms", "250"])
             .stdout(Stdio::piped())
             .spawn()
             .unwrap(),

@@ -171,6 +171,10 @@ struct Runner<'a> {
     state: Option<EpochState>,
     /// The last epoch in which "not a validator" was logged.
     idle_logged: Option<u64>,
+    /// The last height seen and when, to estimate the block interval.
+    last_block: Option<(u64, Instant)>,
+    /// The observed time per block, bounding probe rounds.
+    block_interval: Option<Duration>,
 }
 
 enum Event {
@@ -235,6 +239,8 @@ impl Validator {
             reports: &self.reports,
             state: None,
             idle_logged: None,
+            last_block: None,
+            block_interval: None,
         };
         let mut subscription = match ledger.subscribe_blocks().await {
             Ok(s) => Some(s),
@@ -321,6 +327,7 @@ impl Runner<'_> {
     async fn tick(&mut self) -> Result<(), LedgerError> {
         let subnet = self.config.subnet;
         let info = self.ledger.epoch(subnet).await?;
+        self.observe_height(info.height);
         let nodes = self.ledger.nodes(subnet).await?;
         let me = self.hotkey.address();
         let own = match nodes.iter().find(|n| n.hotkey == me) {
@@ -360,10 +367,14 @@ impl Runner<'_> {
 
         let rounds = self.state.as_ref().map_or(0, |s| s.rounds);
         let due = start + rounds as u64 * window / probes as u64;
-        if (h < start + window && rounds < probes && h >= due)
-            || (h >= start + window && rounds == 0)
-        {
-            self.round(&targets, &own).await;
+        if h < start + window && rounds < probes && h >= due {
+            self.round(&targets, &own, self.time_until(start + window))
+                .await;
+        } else if h >= start + window && rounds == 0 {
+            // Started late: one short round, leaving half of what is left
+            // of the epoch to submit in.
+            let end = start + window + (start + len - (start + window)) / 2;
+            self.round(&targets, &own, self.time_until(end)).await;
         }
         if h < start + window {
             return Ok(());
@@ -374,12 +385,71 @@ impl Runner<'_> {
         Ok(())
     }
 
-    /// One probe round over `targets`, all at once.
-    async fn round(&mut self, targets: &[&Node], own: &Node) {
+    /// Updates the block-interval estimate with the head at `height`.
+    fn observe_height(&mut self, height: u64) {
+        let now = Instant::now();
+        match self.last_block {
+            Some((h, _)) if height <= h => return,
+            Some((h, at)) => {
+                let per_block =
+                    now.duration_since(at) / u32::try_from(height - h).unwrap_or(u32::MAX);
+                self.block_interval = Some(per_block);
+            }
+            None => {}
+        }
+        self.last_block = Some((height, now));
+    }
+
+    /// The time left until `height` is sealed, as far as the observed block
+    /// interval tells (at least one block; the probe timeout while the
+    /// interval is unknown), capped by the probe timeout.
+    fn time_until(&self, height: u64) -> Duration {
+        let timeout = self.config.probe_timeout;
+        let (Some((head, seen_at)), Some(interval)) = (self.last_block, self.block_interval) else {
+            return timeout;
+        };
+        let blocks = u32::try_from(height.saturating_sub(head).max(1)).unwrap_or(u32::MAX);
+        (interval.saturating_mul(blocks))
+            .saturating_sub(seen_at.elapsed())
+            .max(interval)
+            .min(timeout)
+    }
+
+    /// One probe round over `targets`, all at once, cut short after `budget`
+    /// so that a slow node or lookup never makes this validator miss its
+    /// turn to propose: probes still running then go unanswered.
+    async fn round(&mut self, targets: &[&Node], own: &Node, budget: Duration) {
         let Some(state) = self.state.as_mut() else {
             return;
         };
-        let found = match self.prober.discover().await {
+        for t in targets {
+            state
+                .measurements
+                .entry(t.id)
+                .or_insert_with(|| Measurement::new(t.id, t.peer_id.clone()));
+        }
+        let work = Self::probe_all(&self.prober, &self.config.model_id, state, targets, own);
+        if tokio::time::timeout(budget, work).await.is_err() {
+            tracing::debug!(
+                epoch = state.epoch,
+                round = state.rounds,
+                ?budget,
+                "probe round cut short: the probing window is closing"
+            );
+        }
+        state.rounds += 1;
+    }
+
+    /// The body of [`round`](Self::round): looks the servers up, then probes
+    /// every target.
+    async fn probe_all(
+        prober: &Prober,
+        model_id: &str,
+        state: &mut EpochState,
+        targets: &[&Node],
+        own: &Node,
+    ) {
+        let found = match prober.discover().await {
             Ok(f) => f,
             Err(e) => {
                 tracing::warn!("cannot look up the servers: {e}");
@@ -390,8 +460,8 @@ impl Runner<'_> {
             found.into_iter().map(|(p, i)| (p.to_string(), i)).collect();
         if !by_peer.contains_key(&own.peer_id)
             && let Ok(peer) = own.peer_id.parse()
-            && let Ok(Some(info)) = self.prober.node().server_info(&peer).await
-            && info.model == self.config.model_id
+            && let Ok(Some(info)) = prober.node().server_info(&peer).await
+            && info.model == model_id
         {
             by_peer.insert(own.peer_id.clone(), info);
         }
@@ -406,13 +476,6 @@ impl Runner<'_> {
                 "own server not found in the DHT"
             ),
         }
-        for t in targets {
-            state
-                .measurements
-                .entry(t.id)
-                .or_insert_with(|| Measurement::new(t.id, t.peer_id.clone()));
-        }
-        let prober = &self.prober;
         let probes = state
             .measurements
             .values_mut()
@@ -434,7 +497,6 @@ impl Runner<'_> {
                 }
             }
         }
-        state.rounds += 1;
     }
 
     /// Computes the epoch's scores once.
