@@ -373,7 +373,7 @@ impl Runner<'_> {
         } else if h >= start + window && rounds == 0 {
             // Started late: one short round, leaving half of what is left
             // of the epoch to submit in.
-            let end = start + window + (start + len - (start + window)) / 2;
+            let end = start + window + (len - window) / 2;
             self.round(&targets, &own, self.time_until(end)).await;
         }
         if h < start + window {
