@@ -99,12 +99,13 @@ impl Engine for Ours {
 
 struct CandleLlama {
     weights: quantized_llama::ModelWeights,
+    device: Device,
     pos: usize,
 }
 
 impl CandleLlama {
     fn logits_argmax(&mut self, ids: &[u32]) -> Result<u32> {
-        let input = Tensor::new(ids, &Device::Cpu)?.unsqueeze(0)?;
+        let input = Tensor::new(ids, &self.device)?.unsqueeze(0)?;
         let logits = self.weights.forward(&input, self.pos)?.squeeze(0)?;
         self.pos += ids.len();
         Ok(argmax(&logits.to_vec1()?))
@@ -170,6 +171,7 @@ impl LocalBench {
         }
         let ckpt = self.model.open()?;
         let prompt = bench_prompt(&ckpt, self.prompt_tokens)?;
+        let device = self.model.options()?.device;
         let mut rows = Vec::new();
         for (precision, label) in [
             (Precision::F32, "f32 activations (default)"),
@@ -177,7 +179,7 @@ impl LocalBench {
         ] {
             let opts = model::LoadOptions {
                 precision,
-                ..self.model.options()
+                device: device.clone(),
             };
             let model = ckpt.load_local(&opts, &mut |_, _| {})?;
             let cache = model.span.new_cache(4096);
@@ -196,8 +198,12 @@ impl LocalBench {
         let mut file = std::fs::File::open(ckpt.path())?;
         let content = candle_core::quantized::gguf_file::Content::read(&mut file)
             .context("the candle baseline needs a GGUF model")?;
-        let weights = quantized_llama::ModelWeights::from_gguf(content, &mut file, &Device::Cpu)?;
-        let mut candle = CandleLlama { weights, pos: 0 };
+        let weights = quantized_llama::ModelWeights::from_gguf(content, &mut file, &device)?;
+        let mut candle = CandleLlama {
+            weights,
+            device: device.clone(),
+            pos: 0,
+        };
         rows.push(measure(
             &mut candle,
             &prompt,
@@ -207,12 +213,13 @@ impl LocalBench {
 
         let base = &rows[2];
         println!(
-            "model {} | {} prompt tokens, {} decode tokens, median of {} runs, {} threads",
+            "model {} | {} prompt tokens, {} decode tokens, median of {} runs, {} threads, {:?}",
             ckpt.path().display(),
             self.prompt_tokens,
             self.decode_tokens,
             self.repeats,
-            rayon::current_num_threads()
+            rayon::current_num_threads(),
+            device.location(),
         );
         println!(
             "{:<44} {:>14} {:>14} {:>10} {:>10}",
@@ -234,6 +241,7 @@ impl LocalBench {
             "decode_tokens": self.decode_tokens,
             "repeats": self.repeats,
             "threads": rayon::current_num_threads(),
+            "device": format!("{:?}", device.location()),
             "baseline": base.engine,
             "rows": rows,
             "decode_ratio_vs_baseline": rows[0].decode_tokens_per_s / base.decode_tokens_per_s,
@@ -281,7 +289,7 @@ fn rss_kib() -> Result<(u64, u64)> {
 impl RssProbe {
     fn run(self) -> Result<()> {
         let ckpt = self.model.open()?;
-        let opts = self.model.options();
+        let opts = self.model.options()?;
         // What is loaded stays alive until the memory is read.
         let (weights, _held): (usize, Option<Box<dyn std::any::Any>>) = match self.load.as_str() {
             "none" => (0, None),

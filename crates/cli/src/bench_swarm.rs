@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use model::{GenerationRequest, LoadOptions, LocalBlocks, SamplingParams};
+use model::{GenerationRequest, LocalBlocks, SamplingParams};
 use server::{Server, ServerConfig, SpanChoice};
 
 use crate::local::ModelArgs;
@@ -68,7 +68,8 @@ impl SwarmBench {
             max_length: 4096,
         };
 
-        let local = ckpt.load_local(&LoadOptions::default(), &mut |_, _| {})?;
+        let options = self.model.options()?;
+        let local = ckpt.load_local(&options, &mut |_, _| {})?;
         let mut rows = Vec::new();
         let g = model::generate(
             &local.embedding,
@@ -91,7 +92,9 @@ impl SwarmBench {
                 let mut servers = Vec::new();
                 for &(a, b) in &spans {
                     let node = p2p::testing::local_node(Some(&boot)).await;
-                    let config = ServerConfig::new("bench", ckpt.path(), SpanChoice::Fixed(a, b));
+                    let mut config =
+                        ServerConfig::new("bench", ckpt.path(), SpanChoice::Fixed(a, b));
+                    config.load = options.clone();
                     servers.push((Server::start(config, node.clone()).await?, node));
                 }
                 Ok::<_, anyhow::Error>(servers)
@@ -178,6 +181,8 @@ impl SwarmBench {
         }
         let json = serde_json::json!({
             "tokens": self.tokens,
+            "device": format!("{:?}", options.device.location()),
+            "precision": format!("{:?}", options.precision),
             "prompt_tokens": req.prompt_ids.len(),
             "decode": rows,
             "concurrency": concurrency,

@@ -59,6 +59,9 @@ pub struct ModelArgs {
     /// Compute threads (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Where the blocks run: `cpu`, `cuda` or `cuda:N` (builds with `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
 }
 
 impl ModelArgs {
@@ -72,15 +75,15 @@ impl ModelArgs {
         Checkpoint::open(&path).with_context(|| format!("opening {}", path.display()))
     }
 
-    pub fn options(&self) -> LoadOptions {
-        LoadOptions {
+    pub fn options(&self) -> Result<LoadOptions> {
+        Ok(LoadOptions {
             precision: if self.q8 {
                 Precision::Q8
             } else {
                 Precision::F32
             },
-            ..LoadOptions::default()
-        }
+            device: LoadOptions::device_by_name(&self.device)?,
+        })
     }
 
     /// Loads the model: every block here with a progress bar, or, with
@@ -107,7 +110,7 @@ impl ModelArgs {
                 .unwrap_or_else(|_| ProgressStyle::default_bar()),
         );
         bar.set_message(file_name(ckpt.path()));
-        let model = ckpt.load_local(&self.options(), &mut |done, _| {
+        let model = ckpt.load_local(&self.options()?, &mut |done, _| {
             bar.set_position(done as u64)
         })?;
         bar.finish_and_clear();

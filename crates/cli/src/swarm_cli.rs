@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
+use model::LoadOptions;
 use p2p::{Multiaddr, Node, NodeConfig, NodeHandle};
 use server::{Server, ServerConfig, SpanChoice};
 
@@ -190,6 +191,9 @@ pub struct ServeArgs {
     /// Compute threads (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Where the blocks run: `cpu`, `cuda` or `cuda:N` (builds with `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
     /// Serve Prometheus metrics at http://ADDR/metrics (port 0 picks one).
     #[arg(long)]
     pub metrics_listen: Option<std::net::SocketAddr>,
@@ -228,6 +232,7 @@ impl ServeArgs {
         let path = model::resolve_model(&self.model)?;
         let model_id = model_id(&path, self.model_id.as_deref())?;
         let mut config = ServerConfig::new(model_id, path, span);
+        config.load.device = LoadOptions::device_by_name(&self.device)?;
         config.limits.max_length = self.max_length;
         config.limits.cache_tokens = self.cache_tokens;
         config.announce_period = Duration::from_secs(self.announce_period.max(1));

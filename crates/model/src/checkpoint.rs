@@ -30,6 +30,34 @@ pub struct LoadOptions {
     pub precision: Precision,
 }
 
+impl LoadOptions {
+    /// Parses a device name: `cpu`, `cuda` (the first GPU) or `cuda:N`.
+    ///
+    /// # Errors
+    /// [`ModelError::Unsupported`] for an unknown name, or for `cuda` in a
+    /// build without the `cuda` feature or on a machine without that GPU.
+    pub fn device_by_name(name: &str) -> Result<Device> {
+        let ordinal = match name.split_once(':') {
+            None if name == "cpu" => return Ok(Device::Cpu),
+            None if name == "cuda" => 0,
+            Some(("cuda", n)) => n.parse::<usize>().map_err(|_| {
+                ModelError::Unsupported(format!("`{name}`: the GPU index must be a number"))
+            })?,
+            _ => {
+                return Err(ModelError::Unsupported(format!(
+                    "unknown device `{name}` (expected cpu, cuda or cuda:N)"
+                )));
+            }
+        };
+        if !candle_core::utils::cuda_is_available() {
+            return Err(ModelError::Unsupported(format!(
+                "`{name}`: this build has no CUDA support (build with `--features cuda`)"
+            )));
+        }
+        Device::new_cuda(ordinal).map_err(|e| ModelError::Unsupported(format!("`{name}`: {e}")))
+    }
+}
+
 impl Default for LoadOptions {
     fn default() -> Self {
         Self {

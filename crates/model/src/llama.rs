@@ -562,14 +562,18 @@ impl Head {
                 "no positions to predict from".into(),
             ));
         }
-        let last = hidden.narrow(1, t - 1, 1)?.to_dtype(DType::F32)?;
+        let last = hidden
+            .narrow(1, t - 1, 1)?
+            .to_dtype(DType::F32)?
+            .to_device(self.norm.device())?;
         let normed = ops::rms_norm(&last, &self.norm, self.eps)?;
         rayon::scope(|_| Ok(self.lm_head.forward(&normed)?.squeeze(1)?))
     }
 
     /// Logits `[batch, T, vocab]` for every position (for scoring and tests).
     pub fn forward_all(&self, hidden: &Tensor) -> Result<Tensor> {
-        let normed = ops::rms_norm(&hidden.to_dtype(DType::F32)?, &self.norm, self.eps)?;
+        let hidden = hidden.to_dtype(DType::F32)?.to_device(self.norm.device())?;
+        let normed = ops::rms_norm(&hidden, &self.norm, self.eps)?;
         self.lm_head.forward(&normed)
     }
 

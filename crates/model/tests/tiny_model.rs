@@ -382,3 +382,18 @@ fn seeded(dims: &[usize], seed: u64) -> Tensor {
     let v: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect();
     Tensor::from_vec(v, dims, &Device::Cpu).unwrap()
 }
+
+#[test]
+fn device_names_parse_or_say_what_is_wrong() {
+    assert!(LoadOptions::device_by_name("cpu").unwrap().is_cpu());
+    for bad in ["gpu", "cuda:x", "cpu:0", ""] {
+        let err = LoadOptions::device_by_name(bad).unwrap_err().to_string();
+        assert!(err.contains(bad), "{bad}: {err}");
+    }
+    if !candle_core::utils::cuda_is_available() {
+        let err = LoadOptions::device_by_name("cuda:0")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--features cuda"), "{err}");
+    }
+}

@@ -5,6 +5,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use model::LoadOptions;
+
 use crate::gate::PeerGate;
 
 /// Which blocks to host.
@@ -57,6 +59,8 @@ pub struct ServerConfig {
     pub checkpoint: PathBuf,
     /// Blocks to host.
     pub span: SpanChoice,
+    /// Device and activation precision of the hosted blocks.
+    pub load: LoadOptions,
     /// Admission limits.
     pub limits: Limits,
     /// How often the DHT record is refreshed; records expire after twice this.
@@ -99,6 +103,7 @@ impl ServerConfig {
             model_id: model_id.into(),
             checkpoint: checkpoint.into(),
             span,
+            load: LoadOptions::default(),
             limits: Limits::default(),
             announce_period: Duration::from_secs(30),
             rebalance_period: Duration::from_secs(60),

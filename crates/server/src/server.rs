@@ -65,15 +65,15 @@ fn block_keys(model: &str, span: Span) -> Vec<libp2p::kad::RecordKey> {
         .collect()
 }
 
-async fn load_span(ckpt: &Arc<Checkpoint>, span: Span) -> Result<Arc<BlockSpan>, ServerError> {
-    let ckpt = ckpt.clone();
+async fn load_span(
+    ckpt: &Arc<Checkpoint>,
+    options: &LoadOptions,
+    span: Span,
+) -> Result<Arc<BlockSpan>, ServerError> {
+    let (ckpt, options) = (ckpt.clone(), options.clone());
     blocking(move || {
         let range = span.start as usize..span.end as usize;
-        Ok(Arc::new(ckpt.load_span(
-            range,
-            &LoadOptions::default(),
-            &mut |_, _| {},
-        )?))
+        Ok(Arc::new(ckpt.load_span(range, &options, &mut |_, _| {})?))
     })
     .await
 }
@@ -92,12 +92,13 @@ impl Server {
         let ckpt = Arc::new(blocking(move || Ok(Checkpoint::open(path)?)).await?);
         let num_blocks = ckpt.config().num_blocks as u32;
         let measured = {
-            let (ckpt, cache, bw) = (
+            let (ckpt, options, cache, bw) = (
                 ckpt.clone(),
+                config.load.clone(),
                 config.throughput_cache.clone(),
                 config.bandwidth_mbps,
             );
-            blocking(move || throughput::measure(&ckpt, cache.as_deref(), bw)).await?
+            blocking(move || throughput::measure(&ckpt, &options, cache.as_deref(), bw)).await?
         };
         let span = match config.span {
             SpanChoice::Fixed(start, end) => {
@@ -140,7 +141,7 @@ impl Server {
         node.announce(info.clone(), block_keys(&config.model_id, span), vec![])
             .await?;
         tracing::info!(model = %config.model_id, %span, "joining: loading blocks");
-        let weights = load_span(&ckpt, span).await?;
+        let weights = load_span(&ckpt, &config.load, span).await?;
         info.state = ServerState::Online;
         let shared = Arc::new(Shared::new(
             config.model_id.clone(),
@@ -371,7 +372,7 @@ impl Context {
         };
         tracing::info!(from = %current.span, to = %target, "moving to blocks the swarm needs more");
         // Keep serving the old blocks while the new ones load.
-        let weights = load_span(&self.ckpt, target).await?;
+        let weights = load_span(&self.ckpt, &self.config.load, target).await?;
         self.shared.set_span(weights);
         self.shared.update_info(|i| i.span = target);
         let old: Vec<_> = block_keys(&self.config.model_id, current.span)

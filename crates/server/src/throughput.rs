@@ -29,12 +29,14 @@ struct CacheEntry {
 
 /// What the measurement depends on: the checkpoint file, the compute threads
 /// and the software version.
-fn cache_key(checkpoint: &Path) -> String {
+fn cache_key(checkpoint: &Path, options: &LoadOptions) -> String {
     let len = std::fs::metadata(checkpoint).map(|m| m.len()).unwrap_or(0);
     format!(
-        "{}:{len}:{}:{}",
+        "{}:{len}:{}:{:?}:{:?}:{}",
         checkpoint.display(),
         rayon::current_num_threads(),
+        options.device.location(),
+        options.precision,
         env!("CARGO_PKG_VERSION")
     )
 }
@@ -45,13 +47,14 @@ fn cache_key(checkpoint: &Path) -> String {
 /// When the block cannot be loaded or run.
 pub fn measure(
     ckpt: &Checkpoint,
+    options: &LoadOptions,
     cache: Option<&Path>,
     bandwidth_mbps: f64,
 ) -> Result<Throughput, ServerError> {
     let hidden = ckpt.config().hidden_size;
     // Activations travel in and out as f32.
     let network_rps = bandwidth_mbps * 1e6 / (2.0 * hidden as f64 * 32.0);
-    let key = cache_key(ckpt.path());
+    let key = cache_key(ckpt.path(), options);
     if let Some(entry) = cache.and_then(|p| read_cache(p, &key)) {
         return Ok(Throughput {
             inference_rps: entry.inference_rps,
@@ -59,7 +62,7 @@ pub fn measure(
             network_rps,
         });
     }
-    let block = ckpt.load_span(0..1, &LoadOptions::default(), &mut |_, _| {})?;
+    let block = ckpt.load_span(0..1, options, &mut |_, _| {})?;
     let max_pos = ckpt.config().max_position_embeddings;
     let steps = DECODE_STEPS.min(max_pos.saturating_sub(1)).max(1);
     let tokens = FORWARD_TOKENS.min(max_pos).max(1);
