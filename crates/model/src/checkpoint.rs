@@ -306,9 +306,9 @@ impl Checkpoint {
         let lm_head = if self.has(output) {
             self.load_linear(&mut reader, output, options)?
         } else if let Some(e) = embedding {
-            e.as_linear()
+            e.as_linear(options.precision)
         } else {
-            self.load_embedding(options)?.as_linear()
+            self.load_embedding(options)?.as_linear(options.precision)
         };
         check_shape("lm head", &lm_head.dims(), &[c.vocab_size, c.hidden_size])?;
         Ok(Head {

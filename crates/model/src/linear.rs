@@ -18,19 +18,22 @@ pub enum Precision {
     /// kernel. The default: the accuracy DESIGN.md asks for.
     #[default]
     F32,
-    /// candle's kernels, which round activations to 8 bits first (as
-    /// llama.cpp does). Opt-in: it changes answers on small models.
+    /// Activations rounded to 8 bits per 32-block first, as llama.cpp
+    /// does, so dot products run on integers: this crate's kernels where it
+    /// has them, else candle's. Opt-in: it changes answers on small models.
     Q8,
 }
 
 /// A weight matrix `[out_features, in_features]` and the way to multiply by it.
 #[derive(Debug, Clone)]
 pub enum Linear {
-    /// Quantized blocks run by this crate's f32-activation kernels (CPU).
-    Quant(Arc<QuantMatrix>),
+    /// Quantized blocks run by this crate's kernels (CPU), with activations
+    /// at the given precision.
+    Quant(Arc<QuantMatrix>, Precision),
     /// A plain float matrix, multiplied by candle.
     Dense(Tensor),
-    /// candle's quantized matmul (8-bit activations).
+    /// candle's quantized matmul (8-bit activations), for formats without
+    /// a kernel here.
     Candle(Arc<QMatMul>),
 }
 
@@ -43,31 +46,31 @@ impl Linear {
 
     /// Chooses the representation for a GGUF tensor.
     ///
-    /// Formats with a kernel here keep their blocks; other quantized formats
-    /// (k-quants) are dequantized to f32 once at load, which keeps the answers
-    /// exact at the cost of memory, unless `precision` asks for candle's kernels.
+    /// On the CPU, formats with a kernel here keep their blocks. Other
+    /// quantized formats (k-quants), and every format on a GPU, are
+    /// dequantized to f32 once at load, which keeps the answers exact at the
+    /// cost of memory, unless `precision` asks for candle's 8-bit kernels.
     pub fn from_qtensor(q: QTensor, precision: Precision, device: &Device) -> Result<Self> {
         let (rows, cols) = q.shape().dims2()?;
         let float = matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
         if float {
             return Self::dense(q.dequantize(device)?);
         }
-        match precision {
-            Precision::Q8 => Ok(Self::Candle(Arc::new(QMatMul::from_qtensor(q)?))),
-            Precision::F32 if device.is_cpu() => {
-                match QuantMatrix::from_ggml(q.dtype(), &q.data()?, rows, cols) {
-                    Some(m) => Ok(Self::Quant(Arc::new(m))),
-                    None => Self::dense(q.dequantize(device)?),
-                }
-            }
-            Precision::F32 => Self::dense(q.dequantize(device)?),
+        let repacked = device
+            .is_cpu()
+            .then(|| QuantMatrix::from_ggml(q.dtype(), &q.data().ok()?, rows, cols))
+            .flatten();
+        match (repacked, precision) {
+            (Some(m), precision) => Ok(Self::Quant(Arc::new(m), precision)),
+            (None, Precision::Q8) => Ok(Self::Candle(Arc::new(QMatMul::from_qtensor(q)?))),
+            (None, Precision::F32) => Self::dense(q.dequantize(device)?),
         }
     }
 
     /// `[out_features, in_features]`.
     pub fn dims(&self) -> [usize; 2] {
         let dims = match self {
-            Self::Quant(m) => return [m.rows(), m.cols()],
+            Self::Quant(m, _) => return [m.rows(), m.cols()],
             Self::Dense(w) => w.dims(),
             Self::Candle(q) => match q.as_ref() {
                 QMatMul::QTensor(t) => t.shape().dims(),
@@ -85,7 +88,7 @@ impl Linear {
     /// Bytes the weights occupy.
     pub fn size_in_bytes(&self) -> usize {
         match self {
-            Self::Quant(m) => m.size_in_bytes(),
+            Self::Quant(m, _) => m.size_in_bytes(),
             Self::Dense(w) => w.elem_count() * w.dtype().size_in_bytes(),
             Self::Candle(q) => match q.as_ref() {
                 QMatMul::QTensor(t) => t.storage_size_in_bytes(),
@@ -96,10 +99,10 @@ impl Linear {
         }
     }
 
-    /// Whether gradients flow back through [`forward`](Self::forward):
-    /// candle's quantized kernels do not provide them.
+    /// Whether gradients flow back through [`forward`](Self::forward): only
+    /// with f32 activations (8-bit rounding has no useful gradient).
     pub fn supports_backward(&self) -> bool {
-        !matches!(self, Self::Candle(_))
+        !matches!(self, Self::Candle(_) | Self::Quant(_, Precision::Q8))
     }
 
     /// Applies the layer to `x` of shape `[..., in_features]`.
@@ -107,8 +110,9 @@ impl Linear {
         Ok(match self {
             // `apply_op1` records the op only when `x` takes part in a
             // gradient computation, so inference pays nothing for `bwd`.
-            Self::Quant(m) => x.contiguous()?.apply_op1(QuantMatmul {
+            Self::Quant(m, precision) => x.contiguous()?.apply_op1(QuantMatmul {
                 matrix: m.clone(),
+                precision: *precision,
                 kernel: Kernel::detect(),
             })?,
             Self::Dense(w) => x.broadcast_matmul(&w.t()?)?,
@@ -120,6 +124,7 @@ impl Linear {
 /// candle custom op that hands contiguous f32 activations to [`QuantMatrix::matmul`].
 struct QuantMatmul {
     matrix: Arc<QuantMatrix>,
+    precision: Precision,
     kernel: Kernel,
 }
 
@@ -148,7 +153,11 @@ impl CustomOp1 for QuantMatmul {
             )
         }
         let x = &data[start..end];
-        let out = self.matrix.matmul(x, x.len() / cols, self.kernel);
+        let tokens = x.len() / cols;
+        let out = match self.precision {
+            Precision::F32 => self.matrix.matmul(x, tokens, self.kernel),
+            Precision::Q8 => self.matrix.matmul_q8(x, tokens, self.kernel),
+        };
         let mut out_dims = dims.to_vec();
         if let Some(last) = out_dims.last_mut() {
             *last = self.matrix.rows();
@@ -200,15 +209,19 @@ impl FusedLinear {
     /// Stacks `parts` if they share a representation.
     pub fn new(parts: Vec<Linear>) -> Result<Self> {
         let widths: Vec<usize> = parts.iter().map(Linear::out_features).collect();
+        let precision = match parts.first() {
+            Some(Linear::Quant(_, p)) => Some(*p),
+            _ => None,
+        };
         let quant: Option<Vec<&QuantMatrix>> = parts
             .iter()
             .map(|l| match l {
-                Linear::Quant(m) => Some(m.as_ref()),
+                Linear::Quant(m, p) if Some(*p) == precision => Some(m.as_ref()),
                 _ => None,
             })
             .collect();
-        if let Some(m) = quant.and_then(|q| QuantMatrix::concat_rows(&q)) {
-            return Ok(Self::Stacked(Linear::Quant(Arc::new(m)), widths));
+        if let (Some(m), Some(p)) = (quant.and_then(|q| QuantMatrix::concat_rows(&q)), precision) {
+            return Ok(Self::Stacked(Linear::Quant(Arc::new(m), p), widths));
         }
         let dense: Option<Vec<&Tensor>> = parts
             .iter()

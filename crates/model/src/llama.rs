@@ -11,7 +11,7 @@ use candle_nn::{ops, rotary_emb};
 use crate::config::{ModelConfig, RopeStyle};
 use crate::error::{ModelError, Result};
 use crate::kv_cache::KvCache;
-use crate::linear::{FusedLinear, Linear};
+use crate::linear::{FusedLinear, Linear, Precision};
 use crate::quant::QuantMatrix;
 
 /// Maps token ids to hidden states `[1, T, hidden]`.
@@ -33,7 +33,7 @@ enum EmbeddingTable {
 impl Embedding {
     pub(crate) fn new(weight: Linear, device: &Device) -> Result<Self> {
         let (table, vocab_size, hidden_size) = match weight {
-            Linear::Quant(m) => {
+            Linear::Quant(m, _) => {
                 let (v, h) = (m.rows(), m.cols());
                 (EmbeddingTable::Quant(m), v, h)
             }
@@ -56,9 +56,9 @@ impl Embedding {
     }
 
     /// The table as a linear layer, for models whose LM head is tied to it.
-    pub(crate) fn as_linear(&self) -> Linear {
+    pub(crate) fn as_linear(&self, precision: Precision) -> Linear {
         match &self.table {
-            EmbeddingTable::Quant(m) => Linear::Quant(m.clone()),
+            EmbeddingTable::Quant(m) => Linear::Quant(m.clone(), precision),
             EmbeddingTable::Dense(t) => Linear::Dense(t.clone()),
         }
     }

@@ -11,6 +11,10 @@
 //! - [`QuantLayout::Nibbles`]: `w = d * q + m`, `q` in 0..16 (Q4_0 folds its
 //!   offset of 8 into `m = -8d`; Q4_1 stores `m` directly);
 //! - [`QuantLayout::Int8`]: `w = d * q`, `q` an i8 (Q8_0).
+//!
+//! [`QuantMatrix::matmul_q8`] is the opt-in fast path (`--q8`): activations
+//! rounded to 8 bits per 32-block, as llama.cpp does, so the dot products run
+//! on integers.
 
 mod scalar;
 #[cfg(target_arch = "x86_64")]
@@ -218,6 +222,33 @@ impl QuantMatrix {
             xsums: &xsums,
             cols: self.cols,
         };
+        self.by_rows(tokens, |row, out| {
+            tiled(
+                out,
+                |t| dot_tile::<4>(self.layout, kernel, row, acts.tile(t)),
+                |t| dot_tile::<1>(self.layout, kernel, row, acts.tile(t)),
+            )
+        })
+    }
+
+    /// [`matmul`](Self::matmul) with the activations first rounded to 8 bits
+    /// per 32-block (scale `max|x| / 127`), so each block's dot product is an
+    /// exact integer sum: faster, and exactly what llama.cpp computes.
+    pub fn matmul_q8(&self, x: &[f32], tokens: usize, kernel: Kernel) -> Vec<f32> {
+        assert_eq!(x.len(), tokens * self.cols, "activation length");
+        let acts = Q8Activations::quantize(x, self.cols);
+        self.by_rows(tokens, |row, out| {
+            tiled(
+                out,
+                |t| dot_tile_q8::<4>(self.layout, kernel, row, acts.tile(t)),
+                |t| dot_tile_q8::<1>(self.layout, kernel, row, acts.tile(t)),
+            )
+        })
+    }
+
+    /// Runs `dots(row, out)` for every weight row in parallel, `out` holding
+    /// that row's result for each token, and returns `[tokens, rows]`.
+    fn by_rows(&self, tokens: usize, dots: impl Fn(Row<'_>, &mut [f32]) + Sync) -> Vec<f32> {
         // Enough weights per task that rayon's overhead stays small next to the work.
         let rows_per_task = (16_384 / self.cols).clamp(1, self.rows);
         let mut by_row = vec![0f32; self.rows * tokens];
@@ -226,8 +257,7 @@ impl QuantMatrix {
             .enumerate()
             .for_each(|(task, out)| {
                 for (i, out_row) in out.chunks_exact_mut(tokens).enumerate() {
-                    let row = self.row(task * rows_per_task + i);
-                    dot_row(self.layout, kernel, row, &acts, out_row);
+                    dots(self.row(task * rows_per_task + i), out_row);
                 }
             });
         if tokens == 1 {
@@ -279,25 +309,95 @@ impl<'a> Activations<'a> {
     }
 }
 
-/// Dot products of one weight row with every token, into `out[t]`.
-fn dot_row(
-    layout: QuantLayout,
-    kernel: Kernel,
-    row: Row<'_>,
-    acts: &Activations<'_>,
-    out: &mut [f32],
-) {
+/// One token's activations rounded to 8 bits: per 32-block, the integers,
+/// their scale and `scale * sum(integers)` (for the Nibbles offset term).
+#[derive(Clone, Copy)]
+struct Q8Block<'a> {
+    quants: &'a [i8],
+    scales: &'a [f32],
+    sums: &'a [f32],
+}
+
+/// Activations of one matmul rounded to 8 bits, all tokens.
+struct Q8Activations {
+    quants: Vec<i8>,
+    scales: Vec<f32>,
+    sums: Vec<f32>,
+    cols: usize,
+}
+
+impl Q8Activations {
+    /// Rounds each 32-block of `x` to `d * q`, `d = max|x| / 127`, `q` in
+    /// -127..=127 (llama.cpp's Q8_1, with its scales kept in f32).
+    fn quantize(x: &[f32], cols: usize) -> Self {
+        let n_blocks = x.len() / BLOCK;
+        let mut out = Self {
+            quants: Vec::with_capacity(x.len()),
+            scales: Vec::with_capacity(n_blocks),
+            sums: Vec::with_capacity(n_blocks),
+            cols,
+        };
+        for block in x.chunks_exact(BLOCK) {
+            let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let d = amax / 127.0;
+            let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+            let mut sum = 0i32;
+            for v in block {
+                // In range by construction; `as` saturates a NaN input to 0.
+                let q = (v * inv).round() as i8;
+                sum += i32::from(q);
+                out.quants.push(q);
+            }
+            out.scales.push(d);
+            out.sums.push(d * sum as f32);
+        }
+        out
+    }
+
+    fn token(&self, t: usize) -> Q8Block<'_> {
+        let nb = self.cols / BLOCK;
+        Q8Block {
+            quants: &self.quants[t * self.cols..(t + 1) * self.cols],
+            scales: &self.scales[t * nb..(t + 1) * nb],
+            sums: &self.sums[t * nb..(t + 1) * nb],
+        }
+    }
+
+    fn tile<const N: usize>(&self, t0: usize) -> [Q8Block<'_>; N] {
+        std::array::from_fn(|i| self.token(t0 + i))
+    }
+}
+
+/// Fills `out[t]` for every token, four at a time while four remain.
+fn tiled(out: &mut [f32], four: impl Fn(usize) -> [f32; 4], one: impl Fn(usize) -> [f32; 1]) {
     let tokens = out.len();
     let mut t = 0;
     while t + 4 <= tokens {
-        let (xs, ss) = acts.tile::<4>(t);
-        out[t..t + 4].copy_from_slice(&dot_tile::<4>(layout, kernel, row, xs, ss));
+        out[t..t + 4].copy_from_slice(&four(t));
         t += 4;
     }
     while t < tokens {
-        let (xs, ss) = acts.tile::<1>(t);
-        out[t] = dot_tile::<1>(layout, kernel, row, xs, ss)[0];
+        out[t] = one(t)[0];
         t += 1;
+    }
+}
+
+fn dot_tile_q8<const N: usize>(
+    layout: QuantLayout,
+    kernel: Kernel,
+    row: Row<'_>,
+    xs: [Q8Block<'_>; N],
+) -> [f32; N] {
+    match (kernel, layout) {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Kernel::Avx2` is only ever produced by `Kernel::detect` after
+        // checking that the CPU has AVX2 and FMA; slice lengths are checked inside.
+        (Kernel::Avx2, QuantLayout::Nibbles) => unsafe { x86::nibbles_q8_avx2(row, xs) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        (Kernel::Avx2, QuantLayout::Int8) => unsafe { x86::int8_q8_avx2(row, xs) },
+        (_, QuantLayout::Nibbles) => scalar::nibbles_q8(row, xs),
+        (_, QuantLayout::Int8) => scalar::int8_q8(row, xs),
     }
 }
 
@@ -305,8 +405,7 @@ fn dot_tile<const N: usize>(
     layout: QuantLayout,
     kernel: Kernel,
     row: Row<'_>,
-    xs: [&[f32]; N],
-    xsums: [&[f32]; N],
+    (xs, xsums): ([&[f32]; N], [&[f32]; N]),
 ) -> [f32; N] {
     match (kernel, layout) {
         #[cfg(target_arch = "x86_64")]
@@ -383,6 +482,99 @@ mod tests {
                         assert!(
                             (g - w).abs() < 1e-4 * (1.0 + w.abs()),
                             "{dtype:?} {kernel:?} {tokens}: {g} vs {w}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// GGML blocks with scale 1 (and offset -3 for Q4_1) and random integer
+    /// parts, and activations whose every block reaches +-127, so that every
+    /// 8-bit scale is exactly 1 and all arithmetic stays in exact integers.
+    fn integer_case(dtype: GgmlDType, rows: usize, cols: usize) -> (QuantMatrix, Vec<f32>) {
+        let mut rng = StdRng::seed_from_u64(3);
+        let one = f16::from_f32(1.0).to_le_bytes();
+        let mut raw = Vec::new();
+        for _ in 0..rows * cols / BLOCK {
+            raw.extend_from_slice(&one);
+            match dtype {
+                GgmlDType::Q4_1 => raw.extend_from_slice(&f16::from_f32(-3.0).to_le_bytes()),
+                GgmlDType::Q8_0 => {
+                    // -128 is outside what GGML writes, but a file may hold it.
+                    raw.push(0x80);
+                    raw.extend((1..BLOCK).map(|_| rng.random::<u8>()));
+                    continue;
+                }
+                _ => {}
+            }
+            raw.extend((0..BLOCK / 2).map(|_| rng.random::<u8>()));
+        }
+        let m = QuantMatrix::from_ggml(dtype, &raw, rows, cols).unwrap();
+        let x = (0..cols)
+            .map(|c| match c % BLOCK {
+                0 => 127.0,
+                1 => -127.0,
+                _ => rng.random_range(-127i32..=127) as f32,
+            })
+            .collect::<Vec<f32>>();
+        (m, x)
+    }
+
+    #[test]
+    fn q8_kernels_are_exact_on_integer_data() {
+        let (rows, cols) = (19, 256);
+        for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
+            let (m, x) = integer_case(dtype, rows, cols);
+            let w = m.dequantize();
+            let tokens = 5;
+            let xs: Vec<f32> = (0..tokens).flat_map(|_| x.iter().copied()).collect();
+            let exact: Vec<f32> = (0..tokens)
+                .flat_map(|_| {
+                    (0..rows).map(|r| {
+                        (0..cols)
+                            .map(|c| (w[r * cols + c] as i64) * (x[c] as i64))
+                            .sum::<i64>() as f32
+                    })
+                })
+                .collect();
+            for kernel in [Kernel::Scalar, Kernel::detect()] {
+                assert_eq!(
+                    m.matmul_q8(&xs, tokens, kernel),
+                    exact,
+                    "{dtype:?} {kernel:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn q8_matmul_is_the_product_with_rounded_activations() {
+        let (rows, cols) = (37, 160);
+        for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
+            let (m, w) = quantized(dtype, rows, cols);
+            for tokens in [1, 4, 6] {
+                let x = random(tokens, cols, 5);
+                let q = Q8Activations::quantize(&x, cols);
+                let rounded: Vec<f32> = q
+                    .quants
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &v)| q.scales[i / BLOCK] * f32::from(v))
+                    .collect();
+                let want = reference(&w, &rounded, rows, cols, tokens);
+                let exact = reference(&w, &x, rows, cols, tokens);
+                for kernel in [Kernel::Scalar, Kernel::detect()] {
+                    let got = m.matmul_q8(&x, tokens, kernel);
+                    for ((g, w), e) in got.iter().zip(&want).zip(&exact) {
+                        assert!(
+                            (g - w).abs() < 1e-4 * (1.0 + w.abs()),
+                            "{dtype:?} {kernel:?}"
+                        );
+                        // Rounding moves each result a little off the f32 product.
+                        assert!(
+                            (g - e).abs() < 0.05 * (1.0 + e.abs()),
+                            "{dtype:?} {g} vs {e}"
                         );
                     }
                 }

@@ -1,5 +1,6 @@
-//! AVX2 + FMA kernels. Each expands a 32-weight block to four f32 vectors once
-//! and multiplies it into every token of the tile.
+//! AVX2 + FMA kernels. Each expands a 32-weight block once and multiplies it
+//! into every token of the tile: to four f32 vectors against f32
+//! activations, to 32 bytes against 8-bit ones.
 //!
 //! Blocks alternate between two sets of accumulators: with one set, the
 //! 4-cycle latency of the accumulating FMA, not the arithmetic, bounds a
@@ -7,7 +8,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{BLOCK, Row};
+use super::{BLOCK, Q8Block, Row};
 
 #[inline]
 #[target_feature(enable = "avx2,fma")]
@@ -111,9 +112,7 @@ fn scaled_dots<const N: usize, const INT8: bool>(row: Row<'_>, xs: [&[f32]; N]) 
     for x in xs {
         assert!(x.len() == nb * BLOCK);
     }
-    let mut acc = [[_mm256_setzero_ps(); N]; 2];
-    for b in 0..nb {
-        let set = b & 1;
+    let block = |b: usize, acc: &mut [__m256; N]| {
         // SAFETY: b < nb, and the asserts above bound every pointer below.
         unsafe {
             let q = row.quants.as_ptr().add(b * block_bytes);
@@ -124,11 +123,38 @@ fn scaled_dots<const N: usize, const INT8: bool>(row: Row<'_>, xs: [&[f32]; N]) 
             };
             let d = _mm256_set1_ps(*row.scales.get_unchecked(b));
             for t in 0..N {
-                acc[set][t] = block_fma(&w, d, xs[t].as_ptr().add(b * BLOCK), acc[set][t]);
+                acc[t] = block_fma(&w, d, xs[t].as_ptr().add(b * BLOCK), acc[t]);
             }
         }
+    };
+    alternate(nb, block)
+}
+
+/// Runs `block(b, acc)` for blocks `0..nb`, even blocks into one set of
+/// accumulators and odd ones into another, and returns each token's sum.
+///
+/// The sets are two named arrays, not one indexed by `b & 1`: a runtime
+/// index keeps the accumulators in memory, and the store-to-load round trip
+/// then bounds the loop.
+#[inline(always)]
+fn alternate<const N: usize>(
+    nb: usize,
+    mut block: impl FnMut(usize, &mut [__m256; N]),
+) -> [f32; N] {
+    // SAFETY (of the intrinsics below): only called from functions compiled
+    // with AVX2 enabled, into which this inlines.
+    let mut even = [unsafe { _mm256_setzero_ps() }; N];
+    let mut odd = even;
+    let mut b = 0;
+    while b + 2 <= nb {
+        block(b, &mut even);
+        block(b + 1, &mut odd);
+        b += 2;
     }
-    std::array::from_fn(|t| hsum(_mm256_add_ps(acc[0][t], acc[1][t])))
+    if b < nb {
+        block(b, &mut even);
+    }
+    std::array::from_fn(|t| unsafe { hsum(_mm256_add_ps(even[t], odd[t])) })
 }
 
 /// # Safety
@@ -150,4 +176,80 @@ pub(super) unsafe fn nibbles_avx2<const N: usize>(
 #[target_feature(enable = "avx2,fma")]
 pub(super) unsafe fn int8_avx2<const N: usize>(row: Row<'_>, xs: [&[f32]; N]) -> [f32; N] {
     scaled_dots::<N, true>(row, xs)
+}
+
+/// The 32 weights of a nibble block as unsigned bytes, in element order.
+///
+/// # Safety
+/// `q` must point to 16 readable bytes.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn nibbles_u8(q: *const u8) -> __m256i {
+    // SAFETY: the caller guarantees 16 bytes at `q`.
+    let raw = unsafe { _mm_loadu_si128(q as *const __m128i) };
+    let mask = _mm_set1_epi8(0x0F);
+    let lo = _mm_and_si128(raw, mask);
+    let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
+    _mm256_set_m128i(hi, lo)
+}
+
+/// Shared loop of both layouts against 8-bit activations:
+/// `sum_b d_b dx_b (q_b . qx_b)` per token, each block's dot product an exact
+/// integer sum. `maddubs` cannot saturate: its unsigned operand is at most 128
+/// and the signed one at most 127 in magnitude, so a pair is below 2^15.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn scaled_dots_q8<const N: usize, const INT8: bool>(
+    row: Row<'_>,
+    xs: [Q8Block<'_>; N],
+) -> [f32; N] {
+    let block_bytes = if INT8 { BLOCK } else { BLOCK / 2 };
+    let nb = row.scales.len();
+    assert!(row.quants.len() == nb * block_bytes);
+    for x in &xs {
+        assert!(x.quants.len() == nb * BLOCK && x.scales.len() == nb);
+    }
+    let ones = _mm256_set1_epi16(1);
+    let block = |b: usize, acc: &mut [__m256; N]| {
+        // SAFETY: b < nb, and the asserts above bound every pointer below.
+        unsafe {
+            let q = row.quants.as_ptr().add(b * block_bytes);
+            // `maddubs` takes one unsigned operand: nibbles already are; int8
+            // weights give their magnitude and lend their sign to the activations.
+            let w = if INT8 {
+                _mm256_loadu_si256(q as *const __m256i)
+            } else {
+                nibbles_u8(q)
+            };
+            let unsigned = if INT8 { _mm256_sign_epi8(w, w) } else { w };
+            let d = *row.scales.get_unchecked(b);
+            for t in 0..N {
+                let x = _mm256_loadu_si256(xs[t].quants.as_ptr().add(b * BLOCK) as *const __m256i);
+                let x = if INT8 { _mm256_sign_epi8(x, w) } else { x };
+                let sums = _mm256_madd_epi16(_mm256_maddubs_epi16(unsigned, x), ones);
+                let scale = _mm256_set1_ps(d * *xs[t].scales.get_unchecked(b));
+                acc[t] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(sums), acc[t]);
+            }
+        }
+    };
+    alternate(nb, block)
+}
+
+/// # Safety
+/// The CPU must support AVX2 and FMA.
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn nibbles_q8_avx2<const N: usize>(
+    row: Row<'_>,
+    xs: [Q8Block<'_>; N],
+) -> [f32; N] {
+    assert!(row.mins.len() == row.scales.len());
+    let dots = scaled_dots_q8::<N, false>(row, xs);
+    std::array::from_fn(|t| dots[t] + dot(row.mins, xs[t].sums))
+}
+
+/// # Safety
+/// The CPU must support AVX2 and FMA.
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn int8_q8_avx2<const N: usize>(row: Row<'_>, xs: [Q8Block<'_>; N]) -> [f32; N] {
+    scaled_dots_q8::<N, true>(row, xs)
 }
