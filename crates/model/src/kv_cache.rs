@@ -83,9 +83,9 @@ impl KvCache {
         kb.slice_set(&k.contiguous()?, 2, self.len)?;
         vb.slice_set(&v.contiguous()?, 2, self.len)?;
         self.len = new_len;
-        Ok((
-            kb.narrow(2, 0, new_len)?.contiguous()?,
-            vb.narrow(2, 0, new_len)?.contiguous()?,
-        ))
+        // Views into the buffers, not copies: attention's matmuls take the
+        // strided layout, and copying would cost a pass over the whole cache
+        // per layer and step.
+        Ok((kb.narrow(2, 0, new_len)?, vb.narrow(2, 0, new_len)?))
     }
 }

@@ -53,10 +53,14 @@ pub fn choose_span(num_blocks: u32, len: u32, peers: &[Peer]) -> Span {
 }
 
 /// Where this server should move, if anywhere: `Some(span)` when hosting
-/// `span` instead of `current` would raise the swarm's minimum block
-/// throughput so that the current minimum is below `quality` (0..1) of the
-/// new one. Never moves when that would leave one of the current blocks
-/// uncovered.
+/// `span` instead of `current` would cover more blocks, or cover as many and
+/// raise the swarm's minimum block throughput so that the current minimum is
+/// below `quality` (0..1) of the new one. Never moves when that would leave
+/// one of the current blocks uncovered.
+///
+/// Coverage comes first because with two gaps the minimum is zero whether
+/// one of them is filled or not: four servers that all started on the first
+/// blocks of six would otherwise never move.
 pub fn rebalance(num_blocks: u32, current: Peer, others: &[Peer], quality: f64) -> Option<Span> {
     let without_me = block_throughputs(num_blocks, others);
     if (current.span.start..current.span.end).any(|b| without_me[b as usize] <= 0.0) {
@@ -66,16 +70,19 @@ pub fn rebalance(num_blocks: u32, current: Peer, others: &[Peer], quality: f64) 
     if candidate == current.span {
         return None;
     }
-    let min_with = |span: Span| {
+    // (uncovered blocks, minimum block throughput) with this server on `span`.
+    let with = |span: Span| {
         let mut t = without_me.clone();
         for b in span.start..span.end {
             t[b as usize] += current.throughput;
         }
-        t.into_iter().fold(f64::INFINITY, f64::min)
+        let gaps = t.iter().filter(|&&x| x <= 0.0).count();
+        (gaps, t.into_iter().fold(f64::INFINITY, f64::min))
     };
-    let now = min_with(current.span);
-    let after = min_with(candidate);
-    (now < quality * after).then_some(candidate)
+    let (gaps_now, now) = with(current.span);
+    let (gaps_after, after) = with(candidate);
+    (gaps_after < gaps_now || (gaps_after == gaps_now && now < quality * after))
+        .then_some(candidate)
 }
 
 /// Whether `peers` together cover every block.
@@ -105,6 +112,22 @@ mod tests {
         assert_eq!(choose_span(30, 10, &[a, b]), Span { start: 20, end: 30 });
         // A larger span still prefers the uncovered blocks.
         assert_eq!(choose_span(30, 15, &[peer(0, 20, 5.0)]).end, 30);
+    }
+
+    #[test]
+    fn servers_that_all_started_on_the_same_blocks_fill_one_gap_at_a_time() {
+        // Six blocks, four servers of two that all chose 0..2.
+        let me = peer(0, 2, 1.0);
+        let twins = [peer(0, 2, 1.0), peer(0, 2, 1.0), peer(0, 2, 1.0)];
+        assert_eq!(
+            rebalance(6, me, &twins, 0.75),
+            Some(Span { start: 2, end: 4 })
+        );
+        let rest = [peer(0, 2, 1.0), peer(0, 2, 1.0), peer(2, 4, 1.0)];
+        assert_eq!(
+            rebalance(6, me, &rest, 0.75),
+            Some(Span { start: 4, end: 6 })
+        );
     }
 
     #[test]

@@ -358,7 +358,9 @@ impl Context {
         // view; if all of them moved at once they would uncover those blocks.
         // Only the one with the smallest peer id moves this round.
         let me = self.node.peer_id();
+        let spans: Vec<String> = found.iter().map(|(_, o)| o.span.to_string()).collect();
         if found.iter().any(|(p, o)| o.span == current.span && *p < me) {
+            tracing::debug!(span = %current.span, ?spans, "rebalance: a twin with a smaller id moves first");
             return Ok(());
         }
         let others: Vec<Peer> = found.into_iter().map(|(_, p)| p).collect();
@@ -368,6 +370,7 @@ impl Context {
             &others,
             self.config.balance_quality,
         ) else {
+            tracing::debug!(span = %current.span, ?spans, "rebalance: staying");
             return Ok(());
         };
         tracing::info!(from = %current.span, to = %target, "moving to blocks the swarm needs more");
