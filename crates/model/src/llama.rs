@@ -77,6 +77,7 @@ impl Embedding {
             });
         }
         let t = ids.len();
+        bind(&self.device)?;
         match &self.table {
             EmbeddingTable::Quant(m) => {
                 let mut out = vec![0f32; t * self.hidden_size];
@@ -230,6 +231,7 @@ impl BlockSpan {
                 limit: c.max_position_embeddings,
             });
         }
+        bind(&self.device)?;
         let hidden = hidden.to_dtype(DType::F32)?.to_device(&self.device)?;
         let (cos, sin) = rope_tables(c, pos, t, &self.device)?;
         let mask = causal_mask(pos, t, &self.device)?;
@@ -238,6 +240,7 @@ impl BlockSpan {
         // loops then fork from a worker (cheap) instead of parking this thread
         // and waking the pool once per matrix (a context switch each time).
         rayon::scope(|_| {
+            bind(&self.device)?;
             let mut x = hidden;
             for (block, kv) in weights.iter().zip(cache.layers.iter_mut()) {
                 let mut part = Attend {
@@ -289,6 +292,7 @@ impl BlockSpan {
                 });
             }
         }
+        bind(&self.device)?;
         let tables = caches
             .iter()
             .map(|cache| rope_tables(c, cache.len(), 1, &self.device))
@@ -299,6 +303,7 @@ impl BlockSpan {
             .collect::<candle_core::Result<Vec<_>>>()?;
         let weights = &self.blocks[blocks.start - self.range.start..blocks.end - self.range.start];
         let x = rayon::scope(|_| -> Result<Tensor> {
+            bind(&self.device)?;
             let mut x = Tensor::cat(&rows, 0)?;
             for (j, block) in weights.iter().enumerate() {
                 let mut parts: Vec<Attend<'_>> = caches
@@ -355,6 +360,7 @@ impl BlockSpan {
                 "backward needs f32-activation weights (not --q8)".into(),
             ));
         }
+        bind(&self.device)?;
         let x = Var::from_tensor(&hidden.to_dtype(DType::F32)?.to_device(&self.device)?)?;
         let (cos, sin) = rope_tables(c, 0, t, &self.device)?;
         let mask = causal_mask(0, t, &self.device)?;
@@ -512,6 +518,21 @@ fn split<const N: usize>(outs: Vec<Tensor>) -> Result<[Tensor; N]> {
     })
 }
 
+/// Makes `device`'s CUDA context current on the calling thread. candle binds
+/// it where it allocates, not everywhere it launches kernels, and servers
+/// compute on threads other than the one that loaded the weights.
+#[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+fn bind(device: &Device) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = device {
+        d.cuda_stream()
+            .context()
+            .bind_to_thread()
+            .map_err(|e| candle_core::Error::Msg(format!("binding the CUDA context: {e:?}")))?;
+    }
+    Ok(())
+}
+
 /// cos and sin of the rotary angles for positions `[pos, pos + t)`, `[t, head_dim / 2]`.
 fn rope_tables(c: &ModelConfig, pos: usize, t: usize, device: &Device) -> Result<(Tensor, Tensor)> {
     let half = c.head_dim / 2;
@@ -562,16 +583,21 @@ impl Head {
                 "no positions to predict from".into(),
             ));
         }
+        bind(self.norm.device())?;
         let last = hidden
             .narrow(1, t - 1, 1)?
             .to_dtype(DType::F32)?
             .to_device(self.norm.device())?;
         let normed = ops::rms_norm(&last, &self.norm, self.eps)?;
-        rayon::scope(|_| Ok(self.lm_head.forward(&normed)?.squeeze(1)?))
+        rayon::scope(|_| {
+            bind(self.norm.device())?;
+            Ok(self.lm_head.forward(&normed)?.squeeze(1)?)
+        })
     }
 
     /// Logits `[batch, T, vocab]` for every position (for scoring and tests).
     pub fn forward_all(&self, hidden: &Tensor) -> Result<Tensor> {
+        bind(self.norm.device())?;
         let hidden = hidden.to_dtype(DType::F32)?.to_device(self.norm.device())?;
         let normed = ops::rms_norm(&hidden, &self.norm, self.eps)?;
         self.lm_head.forward(&normed)
