@@ -89,3 +89,13 @@ impl KvCache {
         Ok((kb.narrow(2, 0, new_len)?, vb.narrow(2, 0, new_len)?))
     }
 }
+
+impl Drop for KvCache {
+    /// Sessions end, and drop their caches, on threads that never computed:
+    /// make the buffers' CUDA context current there so freeing them works.
+    fn drop(&mut self) {
+        if let Some(k) = &self.k {
+            let _ = crate::llama::bind(k.device());
+        }
+    }
+}

@@ -502,6 +502,15 @@ impl BlockSpan {
     }
 }
 
+impl Drop for BlockSpan {
+    /// A span's GPU buffers are freed on whichever thread drops it last (a
+    /// server replacing its span drops the old one on an async worker), and
+    /// freeing needs their context current there.
+    fn drop(&mut self) {
+        let _ = bind(&self.device);
+    }
+}
+
 /// One session's part of a block's attention: its rotary tables and mask for
 /// its new positions, and its cache (`None` on the training path).
 struct Attend<'a> {
@@ -522,7 +531,7 @@ fn split<const N: usize>(outs: Vec<Tensor>) -> Result<[Tensor; N]> {
 /// it where it allocates, not everywhere it launches kernels, and servers
 /// compute on threads other than the one that loaded the weights.
 #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
-fn bind(device: &Device) -> Result<()> {
+pub(crate) fn bind(device: &Device) -> Result<()> {
     #[cfg(feature = "cuda")]
     if let Device::Cuda(d) = device {
         d.cuda_stream()

@@ -13,7 +13,7 @@ use std::ops::Range;
 use std::sync::Arc;
 use std::sync::mpsc;
 
-use candle_core::Tensor;
+use candle_core::{Device, Tensor};
 use model::{BlockSpan, ModelError, SpanCache};
 use tokio::sync::oneshot;
 
@@ -102,11 +102,18 @@ fn worker(rx: &mpsc::Receiver<Job>, batching: bool) {
     }
 }
 
+/// Results leave the worker in host memory: a GPU buffer must be freed where
+/// its context is current, and the sessions that receive them run elsewhere.
+fn to_host(t: Tensor) -> Result<Tensor, ModelError> {
+    Ok(t.to_device(&Device::Cpu)?)
+}
+
 fn run_one(mut job: Job) {
     let position = job.cache.len();
     let result = guarded(|| {
         job.weights
             .forward_range(job.blocks.clone(), &job.hidden, &mut job.cache)
+            .and_then(to_host)
     });
     if result.is_err() {
         job.cache.truncate(position);
@@ -121,7 +128,14 @@ fn run_batch(group: Vec<Job>) {
     // Cloning a cache shares its buffers; the jobs keep their own lengths,
     // so the fallback below still starts from the right positions.
     let mut caches: Vec<SpanCache> = group.iter().map(|j| j.cache.clone()).collect();
-    match guarded(|| weights.forward_batch(blocks.clone(), &hidden, &mut caches)) {
+    let outputs = guarded(|| {
+        weights
+            .forward_batch(blocks.clone(), &hidden, &mut caches)?
+            .into_iter()
+            .map(to_host)
+            .collect::<Result<Vec<_>, _>>()
+    });
+    match outputs {
         Ok(outputs) => {
             for ((job, out), cache) in group.into_iter().zip(outputs).zip(caches) {
                 let _ = job.reply.send((Ok(out), cache));
