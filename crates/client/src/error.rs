@@ -44,6 +44,14 @@ pub enum ClientError {
         /// What was wrong.
         reason: String,
     },
+    /// A server did not answer one request in time.
+    #[error("server {peer} did not answer within {timeout:?}")]
+    Timeout {
+        /// The server.
+        peer: PeerId,
+        /// The time it had.
+        timeout: std::time::Duration,
+    },
     /// The request itself is invalid (shape, length).
     #[error("invalid request: {0}")]
     InvalidRequest(String),
@@ -69,7 +77,7 @@ impl ClientError {
             Self::Server { code, .. } => {
                 !matches!(code, ErrorCode::BadRequest | ErrorCode::BadShape)
             }
-            Self::Protocol { .. } | Self::P2p(_) | Self::Wire(_) => true,
+            Self::Protocol { .. } | Self::Timeout { .. } | Self::P2p(_) | Self::Wire(_) => true,
             _ => false,
         }
     }

@@ -8,7 +8,7 @@
 //! with a failure as without.
 
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use candle_core::{Device, Tensor};
 use p2p::InferenceStream;
@@ -31,6 +31,11 @@ pub struct SessionConfig {
     pub max_failures: u32,
     /// Frame limits for the server's answers.
     pub limits: FrameLimits,
+    /// How long one server may take to answer one request (opening a
+    /// session or a step) before it counts as failed and is replaced: a
+    /// server that stalls without closing its stream must not stall the
+    /// session.
+    pub request_timeout: Duration,
 }
 
 impl Default for SessionConfig {
@@ -40,6 +45,9 @@ impl Default for SessionConfig {
             compression: Compression::None,
             max_failures: 8,
             limits: FrameLimits::default(),
+            // As Petals' default: long enough for a long prompt's prefill
+            // on a slow CPU server.
+            request_timeout: Duration::from_secs(180),
         }
     }
 }
@@ -57,17 +65,15 @@ impl Leg {
         &mut self,
         position: u32,
         x: &Tensor,
-        compression: Compression,
+        config: &SessionConfig,
     ) -> Result<Tensor, ClientError> {
         let peer = self.hop.peer;
         let request = Request::Step(Step {
             position,
-            hidden: encode(x, compression)?,
+            hidden: encode(x, config.compression)?,
         });
-        let response = self
-            .stream
-            .call(&request)
-            .await
+        let response = within(peer, config.request_timeout, self.stream.call(&request))
+            .await?
             .map_err(p2p::P2pError::from)?;
         let out = expect_tensor(peer, response)?;
         if out.dims() != x.dims() {
@@ -185,7 +191,7 @@ impl InferenceSession {
         let mut i = 0;
         while i < self.legs.len() {
             let leg = &mut self.legs[i];
-            match leg.step(self.position, &x, self.config.compression).await {
+            match leg.step(self.position, &x, &self.config).await {
                 Ok(out) => {
                     leg.inputs.push(x);
                     x = out;
@@ -263,7 +269,7 @@ impl InferenceSession {
             let mut outs = Vec::with_capacity(xs.len());
             for x in &xs {
                 let out = leg
-                    .step(position, x, self.config.compression)
+                    .step(position, x, &self.config)
                     .await
                     .map_err(|e| (leg.hop.peer, e))?;
                 position += x.dim(1).map_err(|e| (leg.hop.peer, e.into()))? as u32;
@@ -328,11 +334,11 @@ impl InferenceSession {
             batch: 1,
             compression: self.config.compression,
         });
-        let (stream, response) = self
+        let opening = self
             .view
             .node()
-            .open_inference_with(hop.peer, self.config.limits, &open)
-            .await?;
+            .open_inference_with(hop.peer, self.config.limits, &open);
+        let (stream, response) = within(hop.peer, self.config.request_timeout, opening).await??;
         match response {
             Response::Opened { .. } => {
                 self.bans
@@ -348,6 +354,17 @@ impl InferenceSession {
             other => Err(unexpected(hop.peer, other)),
         }
     }
+}
+
+/// Runs `request`, a call to `peer`, for at most `timeout`.
+async fn within<T>(
+    peer: p2p::PeerId,
+    timeout: Duration,
+    request: impl std::future::Future<Output = T>,
+) -> Result<T, ClientError> {
+    tokio::time::timeout(timeout, request)
+        .await
+        .map_err(|_| ClientError::Timeout { peer, timeout })
 }
 
 fn encode(x: &Tensor, compression: Compression) -> Result<WireTensor, ClientError> {

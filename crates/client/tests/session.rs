@@ -1,6 +1,6 @@
 //! Sessions through servers on 127.0.0.1 over a tiny random model: the chain
 //! computes what one process would, survives a server that vanishes
-//! mid-session, and names the blocks nobody serves.
+//! mid-session or stops answering, and names the blocks nobody serves.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -19,7 +19,7 @@ const H: usize = model::testing::HIDDEN;
 
 struct Swarm {
     _dir: tempfile::TempDir,
-    _boot: NodeHandle,
+    boot: NodeHandle,
     local: BlockSpan,
     /// Each server with the node it runs on, so a test can pull the plug.
     servers: Vec<(Server, NodeHandle)>,
@@ -51,7 +51,7 @@ async fn swarm(spans: &[(u32, u32)]) -> Swarm {
         .unwrap();
     Swarm {
         _dir: dir,
-        _boot: boot,
+        boot,
         local,
         servers,
         view,
@@ -173,4 +173,83 @@ async fn missing_blocks_are_named_and_bad_inputs_refused() {
     assert_eq!(session.failures(), 0);
     let x = Tensor::zeros((1, 2, H), candle_core::DType::F32, &Device::Cpu).unwrap();
     assert!(session.step(&x).await.is_ok());
+}
+
+/// A peer that announces every block, accepts sessions and then never
+/// answers a step: a server stalled without closing its streams.
+async fn stalled_server(boot: &NodeHandle) -> NodeHandle {
+    use futures::StreamExt;
+    use p2p::inference::protocol::{read_frame, write_frame};
+    use wire::{FrameLimits, Request, Response, ServerInfo, ServerState, Span, Throughput};
+
+    let node = local_node(Some(boot)).await;
+    let span = Span::new(0, BLOCKS).unwrap();
+    let info = ServerInfo {
+        model: MODEL.into(),
+        num_blocks: BLOCKS,
+        span,
+        state: ServerState::Online,
+        // Far faster than the real servers, so the client routes through it.
+        throughput: Throughput {
+            inference_rps: 1e6,
+            forward_rps: 1e6,
+            network_rps: 1e6,
+        },
+        cache_tokens_left: 1 << 16,
+        max_length: 2048,
+        dtype: "f32".into(),
+        quantization: "F32".into(),
+        version: "test".into(),
+        wire_version: wire::WIRE_VERSION,
+        addrs: vec![],
+        using_relay: false,
+        next_pings: vec![],
+        expires_at_ms: p2p::now_ms() + 60_000,
+    };
+    let keys = (0..BLOCKS)
+        .map(|i| p2p::record::block_key(MODEL, i))
+        .collect();
+    node.announce(info, keys, vec![]).await.unwrap();
+    let mut incoming = node.accept_inference().unwrap();
+    tokio::spawn(async move {
+        while let Some((_, mut stream)) = incoming.next().await {
+            tokio::spawn(async move {
+                let limits = FrameLimits::default();
+                while let Ok(Some(request)) = read_frame(&mut stream, &limits).await {
+                    if matches!(request, Request::Open(_)) {
+                        let opened = Response::Opened { max_length: 2048 };
+                        let _ = write_frame(&mut stream, &opened).await;
+                    }
+                }
+            });
+        }
+    });
+    node
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_stops_answering_is_replaced_after_the_request_timeout() {
+    let s = swarm(&[(0, 3), (3, 6)]).await;
+    let stalled = stalled_server(&s.boot).await;
+    eventually(20, || async {
+        s.view.invalidate().await;
+        (s.view.candidates().await.unwrap().len() == 3).then_some(())
+    })
+    .await;
+    let config = SessionConfig {
+        request_timeout: Duration::from_millis(500),
+        ..config_of(32)
+    };
+    let mut session = InferenceSession::open(s.view.clone(), bans(), config)
+        .await
+        .unwrap();
+    assert_eq!(session.route()[0].peer, stalled.peer_id());
+    let mut cache = s.local.new_cache(32);
+    for x in inputs() {
+        let want = s.local.forward(&x, &mut cache).unwrap();
+        assert!(max_diff(&session.step(&x).await.unwrap(), &want) < 1e-5);
+    }
+    assert_eq!(session.failures(), 1);
+    assert!(session.route().iter().all(|h| h.peer != stalled.peer_id()));
+    session.close().await;
 }

@@ -13,7 +13,8 @@ use libp2p::kad::store::RecordStore;
 use libp2p::kad::{self, QueryId, QueryResult, Quorum, Record, RecordKey};
 use libp2p::multiaddr::Protocol;
 use libp2p::pnet::{PnetConfig, PreSharedKey};
-use libp2p::swarm::SwarmEvent;
+use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
+use libp2p::swarm::{DialError, SwarmEvent};
 use libp2p::{
     Multiaddr, PeerId, Swarm, SwarmBuilder, Transport, autonat, identify, noise, ping, tcp, yamux,
 };
@@ -25,6 +26,9 @@ use crate::config::NodeConfig;
 use crate::error::P2pError;
 use crate::inference::{self, FrameError, InferenceStream};
 use crate::record;
+
+/// How long opening an inference stream, dial included, may take.
+pub const OPEN_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Milliseconds since the Unix epoch: the clock record expiries use.
 pub fn now_ms() -> u64 {
@@ -57,6 +61,11 @@ enum Command {
     },
     ConnectedPeers {
         reply: oneshot::Sender<Vec<PeerId>>,
+    },
+    /// Replies once a connection to `peer` is open, dialing it if needed.
+    Connect {
+        peer: PeerId,
+        reply: oneshot::Sender<Result<(), String>>,
     },
     Shutdown {
         reply: oneshot::Sender<()>,
@@ -157,6 +166,7 @@ impl Node {
             key,
             shared: shared.clone(),
             pending: HashMap::new(),
+            connecting: HashMap::new(),
             bootstrap: bootstrap.into_iter().map(|(_, a)| a).collect(),
             max_record_ttl_ms: config.max_record_ttl.as_millis() as u64,
         };
@@ -231,6 +241,8 @@ struct EventLoop {
     key: Keypair,
     shared: Arc<Shared>,
     pending: HashMap<QueryId, Pending>,
+    /// Callers of [`Command::Connect`] waiting for a dial to finish.
+    connecting: HashMap<PeerId, Vec<oneshot::Sender<Result<(), String>>>>,
     bootstrap: Vec<Multiaddr>,
     max_record_ttl_ms: u64,
 }
@@ -340,12 +352,52 @@ impl EventLoop {
             Command::ConnectedPeers { reply } => {
                 let _ = reply.send(self.swarm.connected_peers().copied().collect());
             }
+            Command::Connect { peer, reply } => self.connect(peer, reply),
             Command::Shutdown { .. } => {}
+        }
+    }
+
+    /// Dials `peer` unless connected; `reply` hears when the dial ends. A dial
+    /// already under way (the bootstrap's, Kademlia's) is waited on, not
+    /// doubled.
+    fn connect(&mut self, peer: PeerId, reply: oneshot::Sender<Result<(), String>>) {
+        if self.swarm.is_connected(&peer) {
+            let _ = reply.send(Ok(()));
+            return;
+        }
+        let opts = DialOpts::peer_id(peer)
+            .condition(PeerCondition::DisconnectedAndNotDialing)
+            .build();
+        match self.swarm.dial(opts) {
+            Ok(()) | Err(DialError::DialPeerConditionFalse(_)) => {
+                let waiting = self.connecting.entry(peer).or_default();
+                waiting.retain(|w| !w.is_closed());
+                waiting.push(reply);
+            }
+            Err(e) => {
+                let _ = reply.send(Err(e.to_string()));
+            }
+        }
+    }
+
+    fn dial_ended(&mut self, peer: PeerId, outcome: &Result<(), String>) {
+        for waiting in self.connecting.remove(&peer).unwrap_or_default() {
+            let _ = waiting.send(outcome.clone());
         }
     }
 
     fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
         match event {
+            SwarmEvent::ConnectionEstablished { peer_id, .. } => {
+                self.dial_ended(peer_id, &Ok(()));
+            }
+            SwarmEvent::OutgoingConnectionError {
+                peer_id: Some(peer_id),
+                error,
+                ..
+            } if !self.swarm.is_connected(&peer_id) => {
+                self.dial_ended(peer_id, &Err(error.to_string()));
+            }
             SwarmEvent::Behaviour(BehaviourEvent::Kad(e)) => self.on_kad(e),
             SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
                 peer_id,
@@ -680,23 +732,33 @@ impl NodeHandle {
 
     /// Opens an inference stream to `peer`, dialing it if needed.
     ///
+    /// The connection is made first, through the event loop: libp2p-stream
+    /// dials by itself only when it has not yet seen the connection, and a
+    /// connection that is just being set up makes that dial a no-op whose
+    /// stream request then waits forever. [`OPEN_TIMEOUT`] bounds the rest.
+    ///
     /// # Errors
-    /// [`P2pError::OpenStream`] when the peer is unreachable or does not speak
-    /// the protocol.
+    /// [`P2pError::OpenStream`] when the peer is unreachable, does not speak
+    /// the protocol or does not answer in time.
     pub async fn open_inference(
         &self,
         peer: PeerId,
         limits: FrameLimits,
     ) -> Result<InferenceStream, P2pError> {
-        let stream = self
-            .control
-            .clone()
-            .open_stream(peer, inference::PROTOCOL)
+        let fail = |reason: String| P2pError::OpenStream { peer, reason };
+        let open = async {
+            self.command(|reply| Command::Connect { peer, reply })
+                .await?
+                .map_err(fail)?;
+            self.control
+                .clone()
+                .open_stream(peer, inference::PROTOCOL)
+                .await
+                .map_err(|e| fail(e.to_string()))
+        };
+        let stream = tokio::time::timeout(OPEN_TIMEOUT, open)
             .await
-            .map_err(|e| P2pError::OpenStream {
-                peer,
-                reason: e.to_string(),
-            })?;
+            .map_err(|_| fail(format!("no stream within {OPEN_TIMEOUT:?}")))??;
         Ok(InferenceStream::new(peer, stream, limits))
     }
 

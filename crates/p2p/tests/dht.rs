@@ -215,7 +215,6 @@ async fn a_burst_of_streams_is_served() {
     use wire::{FrameLimits, Request, Response};
 
     let server = start(None).await;
-    let client = start(Some(&server)).await;
     let mut incoming = server.accept_inference().unwrap();
     tokio::spawn(async move {
         while let Some((_, mut stream)) = incoming.next().await {
@@ -230,11 +229,18 @@ async fn a_burst_of_streams_is_served() {
             });
         }
     });
-    let calls = (0..16).map(|_| {
-        client.open_inference_with(server.peer_id(), FrameLimits::default(), &Request::Info)
-    });
-    for result in futures::future::join_all(calls).await {
-        let (_, response) = result.unwrap();
-        assert!(matches!(response, Response::Opened { max_length: 7 }));
+    // Each fresh client opens its burst while its bootstrap connection is
+    // still being set up: the moment libp2p-stream alone would leave a stream
+    // request waiting forever.
+    for _ in 0..4 {
+        let client = start(Some(&server)).await;
+        let calls = (0..16).map(|_| {
+            client.open_inference_with(server.peer_id(), FrameLimits::default(), &Request::Info)
+        });
+        for result in futures::future::join_all(calls).await {
+            let (_, response) = result.unwrap();
+            assert!(matches!(response, Response::Opened { max_length: 7 }));
+        }
+        client.shutdown().await;
     }
 }
