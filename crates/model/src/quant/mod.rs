@@ -209,8 +209,8 @@ impl QuantMatrix {
 
     /// `y = x W^T` for `x` of shape `[tokens, cols]` (row-major), returning `[tokens, rows]`.
     ///
-    /// Rows are split across rayon's pool; within a task, tiles of up to four
-    /// tokens share each expanded weight block.
+    /// Rows are split across rayon's pool; within a task, tiles of up to
+    /// eight tokens share each expanded weight block.
     pub fn matmul(&self, x: &[f32], tokens: usize, kernel: Kernel) -> Vec<f32> {
         assert_eq!(x.len(), tokens * self.cols, "activation length");
         let xsums: Vec<f32> = match self.layout {
@@ -225,6 +225,7 @@ impl QuantMatrix {
         self.by_rows(tokens, |row, out| {
             tiled(
                 out,
+                |t| dot_tile::<8>(self.layout, kernel, row, acts.tile(t)),
                 |t| dot_tile::<4>(self.layout, kernel, row, acts.tile(t)),
                 |t| dot_tile::<1>(self.layout, kernel, row, acts.tile(t)),
             )
@@ -240,6 +241,7 @@ impl QuantMatrix {
         self.by_rows(tokens, |row, out| {
             tiled(
                 out,
+                |t| dot_tile_q8::<8>(self.layout, kernel, row, acts.tile(t)),
                 |t| dot_tile_q8::<4>(self.layout, kernel, row, acts.tile(t)),
                 |t| dot_tile_q8::<1>(self.layout, kernel, row, acts.tile(t)),
             )
@@ -368,10 +370,20 @@ impl Q8Activations {
     }
 }
 
-/// Fills `out[t]` for every token, four at a time while four remain.
-fn tiled(out: &mut [f32], four: impl Fn(usize) -> [f32; 4], one: impl Fn(usize) -> [f32; 1]) {
+/// Fills `out[t]` for every token, eight at a time while eight remain (a
+/// prompt, a batch of sessions), then four, then one.
+fn tiled(
+    out: &mut [f32],
+    eight: impl Fn(usize) -> [f32; 8],
+    four: impl Fn(usize) -> [f32; 4],
+    one: impl Fn(usize) -> [f32; 1],
+) {
     let tokens = out.len();
     let mut t = 0;
+    while t + 8 <= tokens {
+        out[t..t + 8].copy_from_slice(&eight(t));
+        t += 8;
+    }
     while t + 4 <= tokens {
         out[t..t + 4].copy_from_slice(&four(t));
         t += 4;
@@ -473,7 +485,7 @@ mod tests {
         let (rows, cols) = (37, 160);
         for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
             let (m, w) = quantized(dtype, rows, cols);
-            for tokens in [1, 3, 4, 9] {
+            for tokens in [1, 3, 4, 9, 13] {
                 let x = random(tokens, cols, 11);
                 let want = reference(&w, &x, rows, cols, tokens);
                 for kernel in [Kernel::Scalar, Kernel::detect()] {
@@ -527,7 +539,7 @@ mod tests {
         for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
             let (m, x) = integer_case(dtype, rows, cols);
             let w = m.dequantize();
-            let tokens = 5;
+            let tokens = 13;
             let xs: Vec<f32> = (0..tokens).flat_map(|_| x.iter().copied()).collect();
             let exact: Vec<f32> = (0..tokens)
                 .flat_map(|_| {
@@ -553,7 +565,7 @@ mod tests {
         let (rows, cols) = (37, 160);
         for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
             let (m, w) = quantized(dtype, rows, cols);
-            for tokens in [1, 4, 6] {
+            for tokens in [1, 4, 6, 13] {
                 let x = random(tokens, cols, 5);
                 let q = Q8Activations::quantize(&x, cols);
                 let rounded: Vec<f32> = q

@@ -2,9 +2,10 @@
 //! into every token of the tile: to four f32 vectors against f32
 //! activations, to 32 bytes against 8-bit ones.
 //!
-//! Blocks alternate between two sets of accumulators: with one set, the
-//! 4-cycle latency of the accumulating FMA, not the arithmetic, bounds a
-//! single-token (decode) dot product.
+//! Small tiles alternate blocks between two sets of accumulators: with one
+//! set, the 4-cycle latency of the accumulating FMA, not the arithmetic,
+//! bounds a single-token (decode) dot product. Tiles of eight tokens have
+//! chains enough in one set, and two would not fit the 16 registers.
 
 use std::arch::x86_64::*;
 
@@ -127,23 +128,30 @@ fn scaled_dots<const N: usize, const INT8: bool>(row: Row<'_>, xs: [&[f32]; N]) 
             }
         }
     };
-    alternate(nb, block)
+    accumulate(nb, block)
 }
 
-/// Runs `block(b, acc)` for blocks `0..nb`, even blocks into one set of
-/// accumulators and odd ones into another, and returns each token's sum.
+/// Runs `block(b, acc)` for blocks `0..nb` and returns each token's sum.
+/// Below eight tokens, even blocks go into one set of accumulators and odd
+/// ones into another.
 ///
 /// The sets are two named arrays, not one indexed by `b & 1`: a runtime
 /// index keeps the accumulators in memory, and the store-to-load round trip
 /// then bounds the loop.
 #[inline(always)]
-fn alternate<const N: usize>(
+fn accumulate<const N: usize>(
     nb: usize,
     mut block: impl FnMut(usize, &mut [__m256; N]),
 ) -> [f32; N] {
     // SAFETY (of the intrinsics below): only called from functions compiled
     // with AVX2 enabled, into which this inlines.
     let mut even = [unsafe { _mm256_setzero_ps() }; N];
+    if N >= 8 {
+        for b in 0..nb {
+            block(b, &mut even);
+        }
+        return std::array::from_fn(|t| unsafe { hsum(even[t]) });
+    }
     let mut odd = even;
     let mut b = 0;
     while b + 2 <= nb {
@@ -232,7 +240,7 @@ fn scaled_dots_q8<const N: usize, const INT8: bool>(
             }
         }
     };
-    alternate(nb, block)
+    accumulate(nb, block)
 }
 
 /// # Safety
