@@ -258,6 +258,10 @@ impl LocalBench {
 pub struct MemoryBench {
     #[command(flatten)]
     model: ModelArgs,
+    /// Cache positions filled in each span probe, in sessions of 512: the
+    /// server's KV budget in use.
+    #[arg(long, default_value_t = 4096)]
+    kv_tokens: usize,
     /// Where to write the JSON results.
     #[arg(long, default_value = "bench-memory.json")]
     json: PathBuf,
@@ -271,7 +275,13 @@ pub struct RssProbe {
     /// `none`, `whole`, or a block range `START:END`.
     #[arg(long)]
     load: String,
+    /// Cache positions to fill through the span, in sessions of 512.
+    #[arg(long, default_value_t = 0)]
+    kv_tokens: usize,
 }
+
+/// Positions per session when a probe fills its KV budget.
+const PROBE_SESSION: usize = 512;
 
 /// Resident and peak resident memory of this process, KiB.
 fn rss_kib() -> Result<(u64, u64)> {
@@ -291,36 +301,56 @@ impl RssProbe {
         let ckpt = self.model.open()?;
         let opts = self.model.options()?;
         // What is loaded stays alive until the memory is read.
-        let (weights, _held): (usize, Option<Box<dyn std::any::Any>>) = match self.load.as_str() {
-            "none" => (0, None),
-            "whole" => {
-                let m = ckpt.load_local(&opts, &mut |_, _| {})?;
-                (m.span.size_in_bytes(), Some(Box::new(m)))
-            }
+        let span = match self.load.as_str() {
+            "none" => None,
+            "whole" => Some(ckpt.load_local(&opts, &mut |_, _| {})?.span),
             range => {
                 let (a, b) = range.split_once(':').context("--load START:END")?;
-                let span = ckpt.load_span(a.parse()?..b.parse()?, &opts, &mut |_, _| {})?;
-                (span.size_in_bytes(), Some(Box::new(span)))
+                Some(ckpt.load_span(a.parse()?..b.parse()?, &opts, &mut |_, _| {})?)
             }
         };
+        let weights = span.as_ref().map_or(0, model::BlockSpan::size_in_bytes);
+        // Sessions as a server holds them: every cached position written.
+        let mut caches = Vec::new();
+        if let Some(span) = &span {
+            let hidden = ckpt.config().hidden_size;
+            for _ in 0..self.kv_tokens.div_ceil(PROBE_SESSION) {
+                let mut cache = span.new_cache(PROBE_SESSION);
+                let x = candle_core::Tensor::zeros(
+                    (1, PROBE_SESSION, hidden),
+                    candle_core::DType::F32,
+                    &candle_core::Device::Cpu,
+                )?;
+                span.forward(&x, &mut cache)?;
+                caches.push(cache);
+            }
+        }
+        let kv: usize = caches.iter().map(model::SpanCache::size_in_bytes).sum();
         let (rss, hwm) = rss_kib()?;
         println!(
             "{}",
-            serde_json::json!({"load": self.load, "rss_kib": rss, "peak_rss_kib": hwm, "block_weight_bytes": weights})
+            serde_json::json!({"load": self.load, "rss_kib": rss, "peak_rss_kib": hwm,
+                "block_weight_bytes": weights, "kv_tokens": caches.len() * PROBE_SESSION,
+                "kv_bytes": kv})
         );
         Ok(())
     }
 }
 
 impl MemoryBench {
+    /// Runs each probe in a fresh process and prints RSS against what the
+    /// process holds: the span's weights and its filled KV cache. The rest,
+    /// less the empty process's RSS, is the overhead a server adds.
     fn run(self) -> Result<()> {
         let exe = std::env::current_exe()?;
         let mut rows = Vec::new();
         println!(
-            "{:<12} {:>12} {:>14} {:>18}",
-            "loaded", "RSS MiB", "peak RSS MiB", "block weights MiB"
+            "| loaded | KV tokens | RSS MiB | peak RSS MiB | weights MiB | KV MiB | overhead MiB |"
         );
+        println!("|---|---|---|---|---|---|---|");
+        let mut empty_rss = 0.0;
         for load in ["none", "0:10", "0:30", "whole"] {
+            let kv_tokens = if load == "none" { 0 } else { self.kv_tokens };
             let out = Command::new(&exe)
                 .args([
                     "bench",
@@ -330,6 +360,7 @@ impl MemoryBench {
                     "--load",
                     load,
                 ])
+                .args(["--kv-tokens", &kv_tokens.to_string()])
                 .output()?;
             if !out.status.success() {
                 bail!(
@@ -338,13 +369,19 @@ impl MemoryBench {
                 );
             }
             let row: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-            let mib = |k: &str| row[k].as_f64().unwrap_or(0.0) / 1024.0;
+            let kib = |k: &str| row[k].as_f64().unwrap_or(0.0) / 1024.0;
+            let mib = |k: &str| row[k].as_f64().unwrap_or(0.0) / (1 << 20) as f64;
+            if load == "none" {
+                empty_rss = kib("rss_kib");
+            }
+            let overhead = kib("rss_kib") - empty_rss - mib("block_weight_bytes") - mib("kv_bytes");
             println!(
-                "{:<12} {:>12.1} {:>14.1} {:>18.1}",
-                load,
-                mib("rss_kib"),
-                mib("peak_rss_kib"),
-                row["block_weight_bytes"].as_f64().unwrap_or(0.0) / (1 << 20) as f64
+                "| {load} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {overhead:.1} |",
+                row["kv_tokens"],
+                kib("rss_kib"),
+                kib("peak_rss_kib"),
+                mib("block_weight_bytes"),
+                mib("kv_bytes"),
             );
             rows.push(row);
         }

@@ -38,6 +38,15 @@ impl KvCache {
         self.len == 0
     }
 
+    /// Bytes the buffers hold: the capacity, not just the positions cached.
+    pub fn size_in_bytes(&self) -> usize {
+        [&self.k, &self.v]
+            .into_iter()
+            .flatten()
+            .map(|t| t.elem_count() * t.dtype().size_in_bytes())
+            .sum()
+    }
+
     /// Forgets every position from `len` on.
     pub fn truncate(&mut self, len: usize) {
         self.len = self.len.min(len);

@@ -155,6 +155,11 @@ impl SpanCache {
     pub fn truncate(&mut self, len: usize) {
         self.layers.iter_mut().for_each(|c| c.truncate(len));
     }
+
+    /// Bytes the blocks' key and value buffers hold.
+    pub fn size_in_bytes(&self) -> usize {
+        self.layers.iter().map(KvCache::size_in_bytes).sum()
+    }
 }
 
 /// Blocks `[start, end)` of a model: what one server hosts.
