@@ -2,11 +2,15 @@
 # llama.cpp beside hypertensor, on the same GGUF, threads and token counts, in
 # one run: builds llama.cpp's `llama-bench` from the source vendored in the
 # `llama-cpp-python` sdist on PyPI (CPU only, -march=native, no curl, no web
-# UI), runs it and `hypertensor bench local`, prints one table with the ratio
-# and writes it as JSON.
+# UI), runs it and `hypertensor bench local` in alternating rounds, prints
+# one table with the ratio and writes it as JSON.
+#
+# A shared machine's speed drifts by tens of percent within minutes, so the
+# engines take turns, one timed run each per round, and each ratio is the
+# median over rounds of the ratio within a round.
 #
 # Usage: bench/llama_cpp.sh [--threads N] [--prompt-tokens N] [--decode-tokens N]
-#                           [--repeats N] [--json FILE]
+#                           [--rounds N] [--json FILE]
 # Env:   LLAMA_CPP_PYTHON_VERSION (default 0.3.36), HYPERTENSOR_CACHE.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,14 +18,14 @@ cd "$(dirname "$0")/.."
 threads=$(nproc)
 prompt=64
 decode=64
-repeats=3
+rounds=5
 json=bench-llama-cpp.json
 while [ $# -gt 0 ]; do
   case "$1" in
     --threads) threads=$2; shift 2 ;;
     --prompt-tokens) prompt=$2; shift 2 ;;
     --decode-tokens) decode=$2; shift 2 ;;
-    --repeats) repeats=$2; shift 2 ;;
+    --rounds) rounds=$2; shift 2 ;;
     --json) json=$2; shift 2 ;;
     *) echo "unknown option $1 (see the header of $0)" >&2; exit 2 ;;
   esac
@@ -76,34 +80,46 @@ cargo build --quiet --release --locked -p cli --bin hypertensor
 hypertensor="${CARGO_TARGET_DIR:-target}/release/hypertensor"
 model=$("$hypertensor" model path)
 
-echo "== llama-bench: $threads threads, $prompt prompt tokens, $decode decode tokens"
-"$bench_bin" -m "$model" -t "$threads" -p "$prompt" -n "$decode" -r "$repeats" -o json \
-  >"$cache/llama-bench.json"
+echo "== $rounds rounds of llama-bench then hypertensor bench local: $threads threads, $prompt prompt tokens, $decode decode tokens"
+rm -f "$cache"/round-*.json
+for round in $(seq 1 "$rounds"); do
+  "$bench_bin" -m "$model" -t "$threads" -p "$prompt" -n "$decode" -r 1 -o json \
+    >"$cache/round-$round-llama.json"
+  "$hypertensor" bench local --model "$model" --threads "$threads" \
+    --prompt-tokens "$prompt" --decode-tokens "$decode" --repeats 1 \
+    --json "$cache/round-$round-hypertensor.json" >/dev/null
+  echo "   round $round done"
+done
 
-echo "== hypertensor bench local"
-"$hypertensor" bench local --model "$model" --threads "$threads" \
-  --prompt-tokens "$prompt" --decode-tokens "$decode" --repeats "$repeats" \
-  --json "$cache/hypertensor.json" >/dev/null
-
-python3 - "$cache/llama-bench.json" "$cache/hypertensor.json" "$json" "$version" <<'EOF'
-import json, sys
-llama_path, ours_path, out, version = sys.argv[1:]
-llama = json.load(open(llama_path))
-ours = json.load(open(ours_path))
-def rate(kind):
+python3 - "$cache" "$rounds" "$json" "$version" <<'EOF'
+import json, statistics, sys
+cache, rounds, out, version = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+def rate(llama, kind):
     # llama-bench reports a prompt test (n_gen 0) and a decode test (n_prompt 0).
     tests = [t for t in llama if (t["n_gen"] == 0) == (kind == "prompt")]
     return tests[0]["avg_ts"]
-base = {"prompt": rate("prompt"), "decode": rate("decode")}
-rows = [{"engine": f"llama.cpp (llama-cpp-python {version} sdist, native)",
-         "prompt_tokens_per_s": base["prompt"], "decode_tokens_per_s": base["decode"]}]
-rows += [{"engine": r["engine"], "prompt_tokens_per_s": r["prompt_tokens_per_s"],
-          "decode_tokens_per_s": r["decode_tokens_per_s"]} for r in ours["rows"]]
-for r in rows:
-    r["prompt_x_llama_cpp"] = r["prompt_tokens_per_s"] / base["prompt"]
-    r["decode_x_llama_cpp"] = r["decode_tokens_per_s"] / base["decode"]
+llama_name = f"llama.cpp (llama-cpp-python {version} sdist, native)"
+# Per round: engine -> (prompt tok/s, decode tok/s).
+per_round = []
+for r in range(1, rounds + 1):
+    llama = json.load(open(f"{cache}/round-{r}-llama.json"))
+    ours = json.load(open(f"{cache}/round-{r}-hypertensor.json"))
+    speeds = {llama_name: (rate(llama, "prompt"), rate(llama, "decode"))}
+    speeds.update({o["engine"]: (o["prompt_tokens_per_s"], o["decode_tokens_per_s"])
+                   for o in ours["rows"]})
+    per_round.append(speeds)
+median = statistics.median
+rows = []
+for engine in per_round[0]:
+    row = {"engine": engine}
+    for i, kind in enumerate(["prompt", "decode"]):
+        row[f"{kind}_tokens_per_s"] = median(s[engine][i] for s in per_round)
+        row[f"{kind}_x_llama_cpp"] = median(s[engine][i] / s[llama_name][i] for s in per_round)
+        row[f"{kind}_tokens_per_s_by_round"] = [s[engine][i] for s in per_round]
+    rows.append(row)
 print(f"model {ours['model']} | {ours['prompt_tokens']} prompt tokens, "
-      f"{ours['decode_tokens']} decode tokens, {ours['threads']} threads")
+      f"{ours['decode_tokens']} decode tokens, {ours['threads']} threads, "
+      f"medians of {rounds} alternating rounds")
 print("| engine | prompt tok/s | decode tok/s | prompt x llama.cpp | decode x llama.cpp |")
 print("|---|---|---|---|---|")
 for r in rows:
@@ -111,6 +127,6 @@ for r in rows:
           f"| {r['prompt_x_llama_cpp']:.2f} | {r['decode_x_llama_cpp']:.2f} |")
 json.dump({"model": ours["model"], "threads": ours["threads"],
            "prompt_tokens": ours["prompt_tokens"], "decode_tokens": ours["decode_tokens"],
-           "baseline": rows[0]["engine"], "rows": rows}, open(out, "w"), indent=2)
+           "rounds": rounds, "baseline": llama_name, "rows": rows}, open(out, "w"), indent=2)
 print(f"wrote {out}")
 EOF
