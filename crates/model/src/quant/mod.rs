@@ -30,8 +30,11 @@ pub const BLOCK: usize = 32;
 /// How the integer parts of a [`QuantMatrix`] are stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum QuantLayout {
-    /// Two 4-bit values per byte: byte `j` of a block holds element `j` in its
-    /// low nibble and element `j + 16` in its high nibble (GGML's order).
+    /// Two 4-bit values per byte, as eight little-endian 16-bit words: word
+    /// `j` holds elements `j`, `j + 8`, `j + 16` and `j + 24`, from the low
+    /// bits up. One widening load then gives each 32-bit lane its four
+    /// elements, and shifts alone (no byte shuffles) expand the block into
+    /// four vectors of eight consecutive elements.
     Nibbles,
     /// One signed byte per element.
     Int8,
@@ -110,11 +113,11 @@ impl QuantMatrix {
             match dtype {
                 GgmlDType::Q4_0 => {
                     mins.push(-8.0 * d);
-                    quants.extend_from_slice(&block[2..18]);
+                    quants.extend(nibble_words(&block[2..18]));
                 }
                 GgmlDType::Q4_1 => {
                     mins.push(half_at(block, 2));
-                    quants.extend_from_slice(&block[4..20]);
+                    quants.extend(nibble_words(&block[4..20]));
                 }
                 _ => quants.extend_from_slice(&block[2..34]),
             }
@@ -237,7 +240,7 @@ impl QuantMatrix {
     /// exact integer sum: faster, and exactly what llama.cpp computes.
     pub fn matmul_q8(&self, x: &[f32], tokens: usize, kernel: Kernel) -> Vec<f32> {
         assert_eq!(x.len(), tokens * self.cols, "activation length");
-        let acts = Q8Activations::quantize(x, self.cols);
+        let acts = Q8Activations::quantize(x, self.cols, self.layout);
         self.by_rows(tokens, |row, out| {
             tiled(
                 out,
@@ -274,6 +277,38 @@ impl QuantMatrix {
         out
     }
 }
+
+/// GGML's nibble block (byte `j`: element `j` low, `j + 16` high) in the
+/// [`QuantLayout::Nibbles`] order.
+fn nibble_words(ggml: &[u8]) -> [u8; 16] {
+    let element = |i: usize| (ggml[i % 16] >> (4 * (i / 16))) & 0x0F;
+    std::array::from_fn(|byte| {
+        let (j, high_half) = (byte / 2, byte % 2);
+        element(j + 16 * high_half) | element(j + 8 + 16 * high_half) << 4
+    })
+}
+
+/// Element `i` of a block in the [`QuantLayout::Nibbles`] order.
+fn nibble(q: &[u8], i: usize) -> u8 {
+    let (j, k) = (i % 8, i / 8);
+    (q[2 * j + k / 2] >> (4 * (k % 2))) & 0x0F
+}
+
+/// Where the 8-bit kernels meet each element of a nibble block: they take a
+/// block's low nibbles, byte by byte, then its high ones, so position `p`
+/// holds element `NIBBLE_Q8_ORDER[p]`. 8-bit activations are stored in this
+/// order, so that the integer dot products need no byte shuffles either.
+const NIBBLE_Q8_ORDER: [usize; BLOCK] = {
+    let mut order = [0; BLOCK];
+    let mut p = 0;
+    while p < BLOCK {
+        let (byte, high) = (p % 16, p / 16);
+        // Byte 2j holds elements j (low) and j + 8; byte 2j + 1 holds j + 16 and j + 24.
+        order[p] = byte / 2 + 16 * (byte % 2) + 8 * high;
+        p += 1;
+    }
+    order
+};
 
 /// One row's blocks.
 #[derive(Clone, Copy)]
@@ -320,7 +355,8 @@ struct Q8Block<'a> {
     sums: &'a [f32],
 }
 
-/// Activations of one matmul rounded to 8 bits, all tokens.
+/// Activations of one matmul rounded to 8 bits, all tokens, each block's
+/// integers in the order the weights' layout meets them.
 struct Q8Activations {
     quants: Vec<i8>,
     scales: Vec<f32>,
@@ -330,8 +366,9 @@ struct Q8Activations {
 
 impl Q8Activations {
     /// Rounds each 32-block of `x` to `d * q`, `d = max|x| / 127`, `q` in
-    /// -127..=127 (llama.cpp's Q8_1, with its scales kept in f32).
-    fn quantize(x: &[f32], cols: usize) -> Self {
+    /// -127..=127 (llama.cpp's Q8_1, with its scales kept in f32), for
+    /// weights in `layout`.
+    fn quantize(x: &[f32], cols: usize, layout: QuantLayout) -> Self {
         let n_blocks = x.len() / BLOCK;
         let mut out = Self {
             quants: Vec::with_capacity(x.len()),
@@ -343,15 +380,35 @@ impl Q8Activations {
             let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
             let d = amax / 127.0;
             let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
-            let mut sum = 0i32;
-            for v in block {
-                // In range by construction; `as` saturates a NaN input to 0.
-                let q = (v * inv).round() as i8;
-                sum += i32::from(q);
-                out.quants.push(q);
+            // In range by construction; `as` saturates a NaN input to 0.
+            let round = |v: f32| (v * inv).round() as i8;
+            let start = out.quants.len();
+            match layout {
+                QuantLayout::Nibbles => out
+                    .quants
+                    .extend(NIBBLE_Q8_ORDER.iter().map(|&i| round(block[i]))),
+                QuantLayout::Int8 => out.quants.extend(block.iter().map(|&v| round(v))),
             }
+            let sum: i32 = out.quants[start..].iter().map(|&q| i32::from(q)).sum();
             out.scales.push(d);
             out.sums.push(d * sum as f32);
+        }
+        out
+    }
+
+    /// The rounded activations as f32, in element order, from their order
+    /// for `layout`.
+    #[cfg(test)]
+    fn dequantize(&self, layout: QuantLayout) -> Vec<f32> {
+        let mut out = vec![0f32; self.quants.len()];
+        for (b, block) in self.quants.chunks_exact(BLOCK).enumerate() {
+            for (p, &q) in block.iter().enumerate() {
+                let i = match layout {
+                    QuantLayout::Nibbles => NIBBLE_Q8_ORDER[p],
+                    QuantLayout::Int8 => p,
+                };
+                out[b * BLOCK + i] = self.scales[b] * f32::from(q);
+            }
         }
         out
     }
@@ -473,6 +530,24 @@ mod tests {
     }
 
     #[test]
+    fn nibble_words_keep_every_element_where_the_kernels_look() {
+        let ggml: Vec<u8> = (0..16u8).map(|j| j | ((15 - j) << 4)).collect();
+        let q = nibble_words(&ggml);
+        for i in 0..BLOCK {
+            let want = if i < 16 { i as u8 } else { 31 - i as u8 };
+            assert_eq!(nibble(&q, i), want, "element {i}");
+        }
+        // The 8-bit kernels' positional reading (low nibbles, then high).
+        for (p, &i) in NIBBLE_Q8_ORDER.iter().enumerate() {
+            assert_eq!(
+                (q[p % 16] >> (4 * (p / 16))) & 0x0F,
+                nibble(&q, i),
+                "position {p}"
+            );
+        }
+    }
+
+    #[test]
     fn repacked_blocks_dequantize_like_candle() {
         for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
             let (m, exact) = quantized(dtype, 8, 96);
@@ -567,13 +642,7 @@ mod tests {
             let (m, w) = quantized(dtype, rows, cols);
             for tokens in [1, 4, 6, 13] {
                 let x = random(tokens, cols, 5);
-                let q = Q8Activations::quantize(&x, cols);
-                let rounded: Vec<f32> = q
-                    .quants
-                    .iter()
-                    .enumerate()
-                    .map(|(i, &v)| q.scales[i / BLOCK] * f32::from(v))
-                    .collect();
+                let rounded = Q8Activations::quantize(&x, cols, m.layout).dequantize(m.layout);
                 let want = reference(&w, &rounded, rows, cols, tokens);
                 let exact = reference(&w, &x, rows, cols, tokens);
                 for kernel in [Kernel::Scalar, Kernel::detect()] {

@@ -1,7 +1,7 @@
 //! Portable kernels: the fallback on CPUs without SIMD support here, and the
 //! reference the SIMD kernels are tested against.
 
-use super::{BLOCK, Q8Block, QuantLayout, Row};
+use super::{BLOCK, Q8Block, QuantLayout, Row, nibble};
 
 pub(super) fn dequantize_row(layout: QuantLayout, row: Row<'_>, out: &mut [f32]) {
     for (b, out) in out.chunks_exact_mut(BLOCK).enumerate() {
@@ -10,9 +10,8 @@ pub(super) fn dequantize_row(layout: QuantLayout, row: Row<'_>, out: &mut [f32])
             QuantLayout::Nibbles => {
                 let m = row.mins[b];
                 let q = &row.quants[b * 16..(b + 1) * 16];
-                for j in 0..16 {
-                    out[j] = d * f32::from(q[j] & 0x0F) + m;
-                    out[j + 16] = d * f32::from(q[j] >> 4) + m;
+                for (i, o) in out.iter_mut().enumerate() {
+                    *o = d * f32::from(nibble(q, i)) + m;
                 }
             }
             QuantLayout::Int8 => {
@@ -35,10 +34,11 @@ pub(super) fn nibbles<const N: usize>(
     for (b, q) in row.quants.chunks_exact(16).enumerate() {
         for t in 0..N {
             let x = &xs[t][b * BLOCK..(b + 1) * BLOCK];
-            let mut dot = 0f32;
-            for j in 0..16 {
-                dot += f32::from(q[j] & 0x0F) * x[j] + f32::from(q[j] >> 4) * x[j + 16];
-            }
+            let dot: f32 = x
+                .iter()
+                .enumerate()
+                .map(|(i, &x)| f32::from(nibble(q, i)) * x)
+                .sum();
             acc[t] += row.scales[b] * dot + row.mins[b] * xsums[t][b];
         }
     }
@@ -58,7 +58,9 @@ pub(super) fn int8<const N: usize>(row: Row<'_>, xs: [&[f32]; N]) -> [f32; N] {
     acc
 }
 
-/// Integer dot product of one nibble block with one block of 8-bit activations.
+/// Integer dot product of one nibble block with one block of 8-bit
+/// activations, both in the kernels' positional order (low nibbles byte by
+/// byte, then high ones).
 fn nibble_block_q8(q: &[u8], x: &[i8]) -> i32 {
     (0..16)
         .map(|j| {

@@ -48,7 +48,9 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
             .sum::<f32>()
 }
 
-/// The 32 weights of a nibble block as four vectors of 8, unscaled.
+/// The 32 weights of a nibble block as four vectors of 8, unscaled: one
+/// widening load puts word `j` (elements `j`, `j + 8`, `j + 16`, `j + 24`) in
+/// lane `j`, and shifts take each vector's nibble out of every lane.
 ///
 /// # Safety
 /// `q` must point to 16 readable bytes.
@@ -56,16 +58,14 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 #[target_feature(enable = "avx2,fma")]
 unsafe fn expand_nibbles(q: *const u8) -> [__m256; 4] {
     // SAFETY: the caller guarantees 16 bytes at `q`.
-    let raw = unsafe { _mm_loadu_si128(q as *const __m128i) };
-    let mask = _mm_set1_epi8(0x0F);
-    let lo = _mm_and_si128(raw, mask);
-    let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
-    let f = |v: __m128i| _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v));
+    let words = _mm256_cvtepu16_epi32(unsafe { _mm_loadu_si128(q as *const __m128i) });
+    let mask = _mm256_set1_epi32(0x0F);
     [
-        f(lo),
-        f(_mm_srli_si128(lo, 8)),
-        f(hi),
-        f(_mm_srli_si128(hi, 8)),
+        _mm256_cvtepi32_ps(_mm256_and_si256(words, mask)),
+        _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(words, 4), mask)),
+        _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(words, 8), mask)),
+        // Bits above 15 are zero: no mask needed.
+        _mm256_cvtepi32_ps(_mm256_srli_epi32(words, 12)),
     ]
 }
 
@@ -186,7 +186,8 @@ pub(super) unsafe fn int8_avx2<const N: usize>(row: Row<'_>, xs: [&[f32]; N]) ->
     scaled_dots::<N, true>(row, xs)
 }
 
-/// The 32 weights of a nibble block as unsigned bytes, in element order.
+/// The 32 weights of a nibble block as unsigned bytes: low nibbles byte by
+/// byte, then high ones (the 8-bit activations are stored in that order).
 ///
 /// # Safety
 /// `q` must point to 16 readable bytes.
