@@ -19,6 +19,7 @@ const H: usize = model::testing::HIDDEN;
 
 struct Swarm {
     _dir: tempfile::TempDir,
+    path: std::path::PathBuf,
     boot: NodeHandle,
     local: BlockSpan,
     /// Each server with the node it runs on, so a test can pull the plug.
@@ -39,23 +40,28 @@ async fn swarm(spans: &[(u32, u32)]) -> Swarm {
         servers.push((server, node));
     }
     let view = SwarmView::new(local_node(Some(&boot)).await, MODEL, BLOCKS);
-    // Wait until every server is announced online.
-    eventually(20, || async {
-        view.invalidate().await;
-        (view.candidates().await.unwrap().len() == spans.len()).then_some(())
-    })
-    .await;
+    online(&view, spans.len()).await;
     let local = Checkpoint::open(&path)
         .unwrap()
         .load_span(0..BLOCKS as usize, &LoadOptions::default(), &mut |_, _| {})
         .unwrap();
     Swarm {
         _dir: dir,
+        path,
         boot,
         local,
         servers,
         view,
     }
+}
+
+/// Waits until `n` servers are announced online.
+async fn online(view: &SwarmView, n: usize) {
+    eventually(20, || async {
+        view.invalidate().await;
+        (view.candidates().await.unwrap().len() == n).then_some(())
+    })
+    .await;
 }
 
 fn bans() -> Arc<Mutex<BanList>> {
@@ -175,21 +181,19 @@ async fn missing_blocks_are_named_and_bad_inputs_refused() {
     assert!(session.step(&x).await.is_ok());
 }
 
-/// A peer that announces every block, accepts sessions and then never
-/// answers a step: a server stalled without closing its streams.
-async fn stalled_server(boot: &NodeHandle) -> NodeHandle {
+/// A peer that announces `span`, accepts sessions and then never answers a
+/// step: a server stalled without closing its streams.
+async fn stalled_server(boot: &NodeHandle, span: wire::Span) -> NodeHandle {
     use futures::StreamExt;
     use p2p::inference::protocol::{read_frame, write_frame};
-    use wire::{FrameLimits, Request, Response, ServerInfo, ServerState, Span, Throughput};
+    use wire::{FrameLimits, Request, Response, ServerInfo, ServerState, Throughput};
 
     let node = local_node(Some(boot)).await;
-    let span = Span::new(0, BLOCKS).unwrap();
     let info = ServerInfo {
         model: MODEL.into(),
         num_blocks: BLOCKS,
         span,
         state: ServerState::Online,
-        // Far faster than the real servers, so the client routes through it.
         throughput: Throughput {
             inference_rps: 1e6,
             forward_rps: 1e6,
@@ -206,7 +210,7 @@ async fn stalled_server(boot: &NodeHandle) -> NodeHandle {
         next_pings: vec![],
         expires_at_ms: p2p::now_ms() + 60_000,
     };
-    let keys = (0..BLOCKS)
+    let keys = (span.start..span.end)
         .map(|i| p2p::record::block_key(MODEL, i))
         .collect();
     node.announce(info, keys, vec![]).await.unwrap();
@@ -229,21 +233,24 @@ async fn stalled_server(boot: &NodeHandle) -> NodeHandle {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_that_stops_answering_is_replaced_after_the_request_timeout() {
-    let s = swarm(&[(0, 3), (3, 6)]).await;
-    let stalled = stalled_server(&s.boot).await;
-    eventually(20, || async {
-        s.view.invalidate().await;
-        (s.view.candidates().await.unwrap().len() == 3).then_some(())
-    })
-    .await;
-    let config = SessionConfig {
+    // The stalled peer is the only one with blocks 3:6 when the session
+    // opens, so the route goes through it; a real server joins after.
+    let s = swarm(&[(0, 3)]).await;
+    let stalled = stalled_server(&s.boot, wire::Span::new(3, BLOCKS).unwrap()).await;
+    online(&s.view, 2).await;
+    let session_config = SessionConfig {
         request_timeout: Duration::from_millis(500),
         ..config_of(32)
     };
-    let mut session = InferenceSession::open(s.view.clone(), bans(), config)
+    let mut session = InferenceSession::open(s.view.clone(), bans(), session_config)
         .await
         .unwrap();
-    assert_eq!(session.route()[0].peer, stalled.peer_id());
+    assert_eq!(session.route()[1].peer, stalled.peer_id());
+    let node = local_node(Some(&s.boot)).await;
+    let _replacement = Server::start(config(&s.path, SpanChoice::Fixed(3, BLOCKS)), node)
+        .await
+        .unwrap();
+    online(&s.view, 3).await;
     let mut cache = s.local.new_cache(32);
     for x in inputs() {
         let want = s.local.forward(&x, &mut cache).unwrap();
