@@ -212,8 +212,8 @@ impl QuantMatrix {
 
     /// `y = x W^T` for `x` of shape `[tokens, cols]` (row-major), returning `[tokens, rows]`.
     ///
-    /// Rows are split across rayon's pool; within a task, tiles of up to
-    /// eight tokens share each expanded weight block.
+    /// Rows are split across rayon's pool; within a task, tiles of up to four
+    /// tokens share each expanded weight block.
     pub fn matmul(&self, x: &[f32], tokens: usize, kernel: Kernel) -> Vec<f32> {
         assert_eq!(x.len(), tokens * self.cols, "activation length");
         let xsums: Vec<f32> = match self.layout {
@@ -228,7 +228,6 @@ impl QuantMatrix {
         self.by_rows(tokens, |row, out| {
             tiled(
                 out,
-                |t| dot_tile::<8>(self.layout, kernel, row, acts.tile(t)),
                 |t| dot_tile::<4>(self.layout, kernel, row, acts.tile(t)),
                 |t| dot_tile::<1>(self.layout, kernel, row, acts.tile(t)),
             )
@@ -244,7 +243,6 @@ impl QuantMatrix {
         self.by_rows(tokens, |row, out| {
             tiled(
                 out,
-                |t| dot_tile_q8::<8>(self.layout, kernel, row, acts.tile(t)),
                 |t| dot_tile_q8::<4>(self.layout, kernel, row, acts.tile(t)),
                 |t| dot_tile_q8::<1>(self.layout, kernel, row, acts.tile(t)),
             )
@@ -427,20 +425,14 @@ impl Q8Activations {
     }
 }
 
-/// Fills `out[t]` for every token, eight at a time while eight remain (a
-/// prompt, a batch of sessions), then four, then one.
-fn tiled(
-    out: &mut [f32],
-    eight: impl Fn(usize) -> [f32; 8],
-    four: impl Fn(usize) -> [f32; 4],
-    one: impl Fn(usize) -> [f32; 1],
-) {
+/// Fills `out[t]` for every token, four at a time while four remain.
+///
+/// Every tile width sums a token's blocks in the same order, so a session's
+/// result does not depend on the batch it ran in. (Tiles of eight in one
+/// accumulator set were faster for prompts, but summed in another order.)
+fn tiled(out: &mut [f32], four: impl Fn(usize) -> [f32; 4], one: impl Fn(usize) -> [f32; 1]) {
     let tokens = out.len();
     let mut t = 0;
-    while t + 8 <= tokens {
-        out[t..t + 8].copy_from_slice(&eight(t));
-        t += 8;
-    }
     while t + 4 <= tokens {
         out[t..t + 4].copy_from_slice(&four(t));
         t += 4;
@@ -571,6 +563,28 @@ mod tests {
                             "{dtype:?} {kernel:?} {tokens}: {g} vs {w}"
                         );
                     }
+                }
+            }
+        }
+    }
+
+    /// Batched server steps must give each session what it gets alone, bit
+    /// for bit, so concurrency never changes an answer.
+    #[test]
+    fn a_tokens_result_does_not_depend_on_its_batch() {
+        let (rows, cols) = (37, 160);
+        for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
+            let (m, _) = quantized(dtype, rows, cols);
+            let tokens = 13;
+            let x = random(tokens, cols, 13);
+            for kernel in [Kernel::Scalar, Kernel::detect()] {
+                let batch = m.matmul(&x, tokens, kernel);
+                let batch_q8 = m.matmul_q8(&x, tokens, kernel);
+                for t in 0..tokens {
+                    let one = &x[t * cols..(t + 1) * cols];
+                    let mine = t * rows..(t + 1) * rows;
+                    assert_eq!(m.matmul(one, 1, kernel), batch[mine.clone()], "{dtype:?}");
+                    assert_eq!(m.matmul_q8(one, 1, kernel), batch_q8[mine], "{dtype:?}");
                 }
             }
         }

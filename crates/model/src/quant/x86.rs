@@ -2,10 +2,9 @@
 //! into every token of the tile: to four f32 vectors against f32
 //! activations, to 32 bytes against 8-bit ones.
 //!
-//! Small tiles alternate blocks between two sets of accumulators: with one
-//! set, the 4-cycle latency of the accumulating FMA, not the arithmetic,
-//! bounds a single-token (decode) dot product. Tiles of eight tokens have
-//! chains enough in one set, and two would not fit the 16 registers.
+//! Blocks alternate between two sets of accumulators: with one set, the
+//! 4-cycle latency of the accumulating FMA, not the arithmetic, bounds a
+//! single-token (decode) dot product.
 
 use std::arch::x86_64::*;
 
@@ -131,9 +130,8 @@ fn scaled_dots<const N: usize, const INT8: bool>(row: Row<'_>, xs: [&[f32]; N]) 
     accumulate(nb, block)
 }
 
-/// Runs `block(b, acc)` for blocks `0..nb` and returns each token's sum.
-/// Below eight tokens, even blocks go into one set of accumulators and odd
-/// ones into another.
+/// Runs `block(b, acc)` for blocks `0..nb`, even blocks into one set of
+/// accumulators and odd ones into another, and returns each token's sum.
 ///
 /// The sets are two named arrays, not one indexed by `b & 1`: a runtime
 /// index keeps the accumulators in memory, and the store-to-load round trip
@@ -146,12 +144,6 @@ fn accumulate<const N: usize>(
     // SAFETY (of the intrinsics below): only called from functions compiled
     // with AVX2 enabled, into which this inlines.
     let mut even = [unsafe { _mm256_setzero_ps() }; N];
-    if N >= 8 {
-        for b in 0..nb {
-            block(b, &mut even);
-        }
-        return std::array::from_fn(|t| unsafe { hsum(even[t]) });
-    }
     let mut odd = even;
     let mut b = 0;
     while b + 2 <= nb {
