@@ -350,7 +350,6 @@ impl MemoryBench {
         println!("|---|---|---|---|---|---|---|");
         let mut empty_rss = 0.0;
         for load in ["none", "0:10", "0:30", "whole"] {
-            let kv_tokens = if load == "none" { 0 } else { self.kv_tokens };
             let out = Command::new(&exe)
                 .args([
                     "bench",
@@ -360,7 +359,8 @@ impl MemoryBench {
                     "--load",
                     load,
                 ])
-                .args(["--kv-tokens", &kv_tokens.to_string()])
+                // A probe without a span has no cache to fill.
+                .args(["--kv-tokens", &self.kv_tokens.to_string()])
                 .output()?;
             if !out.status.success() {
                 bail!(
@@ -369,19 +369,22 @@ impl MemoryBench {
                 );
             }
             let row: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-            let kib = |k: &str| row[k].as_f64().unwrap_or(0.0) / 1024.0;
-            let mib = |k: &str| row[k].as_f64().unwrap_or(0.0) / (1 << 20) as f64;
+            let mib_of_kib = |k: &str| row[k].as_f64().unwrap_or(0.0) / 1024.0;
+            let mib_of_bytes = |k: &str| row[k].as_f64().unwrap_or(0.0) / (1 << 20) as f64;
             if load == "none" {
-                empty_rss = kib("rss_kib");
+                empty_rss = mib_of_kib("rss_kib");
             }
-            let overhead = kib("rss_kib") - empty_rss - mib("block_weight_bytes") - mib("kv_bytes");
+            let overhead = mib_of_kib("rss_kib")
+                - empty_rss
+                - mib_of_bytes("block_weight_bytes")
+                - mib_of_bytes("kv_bytes");
             println!(
                 "| {load} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {overhead:.1} |",
                 row["kv_tokens"],
-                kib("rss_kib"),
-                kib("peak_rss_kib"),
-                mib("block_weight_bytes"),
-                mib("kv_bytes"),
+                mib_of_kib("rss_kib"),
+                mib_of_kib("peak_rss_kib"),
+                mib_of_bytes("block_weight_bytes"),
+                mib_of_bytes("kv_bytes"),
             );
             rows.push(row);
         }

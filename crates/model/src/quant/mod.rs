@@ -308,6 +308,15 @@ const NIBBLE_Q8_ORDER: [usize; BLOCK] = {
     order
 };
 
+/// The element an 8-bit kernel meets at position `p` of a block of weights
+/// in `layout`.
+fn q8_element(layout: QuantLayout, p: usize) -> usize {
+    match layout {
+        QuantLayout::Nibbles => NIBBLE_Q8_ORDER[p],
+        QuantLayout::Int8 => p,
+    }
+}
+
 /// One row's blocks.
 #[derive(Clone, Copy)]
 struct Row<'a> {
@@ -381,12 +390,8 @@ impl Q8Activations {
             // In range by construction; `as` saturates a NaN input to 0.
             let round = |v: f32| (v * inv).round() as i8;
             let start = out.quants.len();
-            match layout {
-                QuantLayout::Nibbles => out
-                    .quants
-                    .extend(NIBBLE_Q8_ORDER.iter().map(|&i| round(block[i]))),
-                QuantLayout::Int8 => out.quants.extend(block.iter().map(|&v| round(v))),
-            }
+            out.quants
+                .extend((0..BLOCK).map(|p| round(block[q8_element(layout, p)])));
             let sum: i32 = out.quants[start..].iter().map(|&q| i32::from(q)).sum();
             out.scales.push(d);
             out.sums.push(d * sum as f32);
@@ -401,11 +406,7 @@ impl Q8Activations {
         let mut out = vec![0f32; self.quants.len()];
         for (b, block) in self.quants.chunks_exact(BLOCK).enumerate() {
             for (p, &q) in block.iter().enumerate() {
-                let i = match layout {
-                    QuantLayout::Nibbles => NIBBLE_Q8_ORDER[p],
-                    QuantLayout::Int8 => p,
-                };
-                out[b * BLOCK + i] = self.scales[b] * f32::from(q);
+                out[b * BLOCK + q8_element(layout, p)] = self.scales[b] * f32::from(q);
             }
         }
         out
