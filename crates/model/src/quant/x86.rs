@@ -10,6 +10,21 @@ use std::arch::x86_64::*;
 
 use super::{BLOCK, Q8Block, Row};
 
+/// How far ahead of the block being expanded its row's integers are
+/// prefetched, in bytes: a few rows on. Rows are short (18 blocks for the
+/// default model), too short for the hardware prefetcher to ramp up within
+/// one, so without this each row start waits on memory; measured +5-15% on
+/// decode (512 and 2048 did no better).
+const PREFETCH_AHEAD: usize = 1024;
+
+/// Asks for the cache line `PREFETCH_AHEAD` bytes past `q`. A hint: it never
+/// faults, so it may point past the matrix's end.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn prefetch_ahead(q: *const u8) {
+    _mm_prefetch::<_MM_HINT_T0>(q.wrapping_add(PREFETCH_AHEAD) as *const i8)
+}
+
 #[inline]
 #[target_feature(enable = "avx2,fma")]
 fn hsum(v: __m256) -> f32 {
@@ -39,12 +54,14 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
         }
         i += 8;
     }
-    hsum(acc)
-        + a[i..n]
-            .iter()
-            .zip(&b[i..n])
-            .map(|(x, y)| x * y)
-            .sum::<f32>()
+    let mut sum = hsum(acc);
+    // A plain loop: the iterator chain this replaces compiled to a call per
+    // element, 5% of decode for rows of 18 blocks.
+    while i < n {
+        sum += a[i] * b[i];
+        i += 1;
+    }
+    sum
 }
 
 /// The 32 weights of a nibble block as four vectors of 8, unscaled: one
@@ -116,6 +133,7 @@ fn scaled_dots<const N: usize, const INT8: bool>(row: Row<'_>, xs: [&[f32]; N]) 
         // SAFETY: b < nb, and the asserts above bound every pointer below.
         unsafe {
             let q = row.quants.as_ptr().add(b * block_bytes);
+            prefetch_ahead(q);
             let w = if INT8 {
                 expand_int8(q)
             } else {
@@ -215,6 +233,7 @@ fn scaled_dots_q8<const N: usize, const INT8: bool>(
         // SAFETY: b < nb, and the asserts above bound every pointer below.
         unsafe {
             let q = row.quants.as_ptr().add(b * block_bytes);
+            prefetch_ahead(q);
             // `maddubs` takes one unsigned operand: nibbles already are; int8
             // weights give their magnitude and lend their sign to the activations.
             let w = if INT8 {
