@@ -13,6 +13,7 @@ pub mod chat;
 pub mod checkpoint;
 pub mod config;
 pub mod error;
+mod fused;
 pub mod generate;
 pub mod kv_cache;
 pub mod linear;

@@ -451,7 +451,12 @@ impl BlockSpan {
         let x = (x + w.o.forward(&y)?)?;
         let h = norm(&x, &w.ffn_norm)?;
         let [gate, up] = split(w.gate_up.forward(&h)?)?;
-        let mlp = w.down.forward(&(ops::silu(&gate)? * up)?)?;
+        let act = if differentiable || !gate.device().is_cpu() {
+            (ops::silu(&gate)? * up)?
+        } else {
+            crate::fused::silu_times(&gate, &up)?
+        };
+        let mlp = w.down.forward(&act)?;
         Ok((x + mlp)?)
     }
 
@@ -481,6 +486,9 @@ impl BlockSpan {
             Some(kv) => kv.append(&k, &v)?,
             None => (k, v),
         };
+        if t == 1 && !differentiable && q.device().is_cpu() {
+            return crate::fused::cached_attention(&q, &k, &v);
+        }
         let s = k.dim(2)?;
         // Grouped-query attention without copying keys: query heads that share
         // a key/value head are stacked along the token axis.

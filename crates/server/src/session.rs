@@ -62,7 +62,7 @@ pub(crate) async fn serve_stream(shared: Arc<Shared>, peer: PeerId, mut stream: 
         let _ = stream.close().await;
         return;
     }
-    let Some(_admission) = shared.admit(peer) else {
+    let Some(admission) = shared.admit(peer) else {
         let _ = reply(
             &shared,
             &mut stream,
@@ -88,6 +88,9 @@ pub(crate) async fn serve_stream(shared: Arc<Shared>, peer: PeerId, mut stream: 
     let response = match first {
         Request::Open(open) => {
             run_session(&shared, peer, &mut stream, open).await;
+            // Free the slot before the peer can see the stream end: a peer
+            // that waits for the end may then open another at once.
+            drop(admission);
             let _ = stream.close().await;
             return;
         }
@@ -99,6 +102,7 @@ pub(crate) async fn serve_stream(shared: Arc<Shared>, peer: PeerId, mut stream: 
         }
     };
     let _ = reply(&shared, &mut stream, response).await;
+    drop(admission);
     let _ = stream.close().await;
 }
 
