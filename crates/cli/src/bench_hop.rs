@@ -103,9 +103,14 @@ impl HopBench {
         let path = model::resolve_model(&self.model)?;
         let ckpt = Checkpoint::open(&path)?;
         let hidden = ckpt.config().hidden_size;
-        let max_len = (self.steps + 16).min(ckpt.config().max_position_embeddings);
-        if max_len < 32 {
-            bail!("the model's context is too short for this benchmark");
+        if self.steps == 0 {
+            bail!("--steps must be at least 1");
+        }
+        // 16 positions of headroom; the model's context caps the steps.
+        let context = ckpt.config().max_position_embeddings;
+        let max_len = (self.steps + 16).min(context);
+        if max_len <= 16 {
+            bail!("the model's context ({context} positions) is too short for this benchmark");
         }
         let steps = max_len - 16;
         let local = ckpt.load_span(0..1, &LoadOptions::default(), &mut |_, _| {})?;
