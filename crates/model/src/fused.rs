@@ -25,71 +25,6 @@ struct CachedAttention;
 /// about 20 µs of work, several times a fork's cost.
 const PARALLEL_WORK: usize = 1 << 18;
 
-/// `silu(gate) * up`, elementwise, for equal-shaped `gate` and `up` whose last
-/// dimension is contiguous (the halves of a stacked projection's output).
-/// Returns a contiguous tensor of that shape.
-pub(crate) fn silu_times(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    Ok(gate.apply_op2_no_bwd(up, &SiluTimes)?)
-}
-
-struct SiluTimes;
-
-impl CustomOp2 for SiluTimes {
-    fn name(&self) -> &'static str {
-        "silu-times"
-    }
-
-    fn cpu_fwd(
-        &self,
-        gate: &CpuStorage,
-        lg: &Layout,
-        up: &CpuStorage,
-        lu: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (CpuStorage::F32(gate), CpuStorage::F32(up)) = (gate, up) else {
-            candle_core::bail!("silu-times takes f32 tensors")
-        };
-        if lg.dims() != lu.dims() {
-            candle_core::bail!(
-                "silu-times: gate {:?} and up {:?} differ",
-                lg.dims(),
-                lu.dims()
-            )
-        }
-        let width = lg.dims().last().copied().unwrap_or(1);
-        let (gate_rows, up_rows) = (row_starts(lg)?, row_starts(lu)?);
-        let mut out = Vec::with_capacity(lg.shape().elem_count());
-        for (g, u) in gate_rows.into_iter().zip(up_rows) {
-            let (g, u) = (&gate[g..g + width], &up[u..u + width]);
-            // candle's own silu, `x / (1 + e^-x)`, so answers do not move.
-            out.extend(g.iter().zip(u).map(|(&g, &u)| g / (1.0 + (-g).exp()) * u));
-        }
-        Ok((CpuStorage::F32(out), lg.shape().clone()))
-    }
-}
-
-/// Where each row (run along the last dimension) of `layout` starts, in
-/// order; the last dimension must be contiguous.
-fn row_starts(layout: &Layout) -> candle_core::Result<Vec<usize>> {
-    let (dims, stride) = (layout.dims(), layout.stride());
-    let Some((&1, outer_strides)) = stride.split_last() else {
-        if dims.is_empty() {
-            return Ok(vec![layout.start_offset()]);
-        }
-        candle_core::bail!("a contiguous last dimension is needed, got strides {stride:?}")
-    };
-    let outer = &dims[..dims.len() - 1];
-    let mut starts = vec![layout.start_offset()];
-    // Expand one leading dimension at a time, innermost last.
-    for (&n, &s) in outer.iter().zip(outer_strides) {
-        starts = starts
-            .iter()
-            .flat_map(|&base| (0..n).map(move |i| base + i * s))
-            .collect();
-    }
-    Ok(starts)
-}
-
 /// A rank-4 f32 view: its data and where each `[i, j, k, ..]` row starts.
 struct View<'a> {
     data: &'a [f32],
@@ -223,6 +158,71 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
         }
     }
     acc.iter().sum::<f32>() + tail
+}
+
+/// `silu(gate) * up`, elementwise, for equal-shaped `gate` and `up` whose last
+/// dimension is contiguous (the halves of a stacked projection's output).
+/// Returns a contiguous tensor of that shape.
+pub(crate) fn silu_times(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    Ok(gate.apply_op2_no_bwd(up, &SiluTimes)?)
+}
+
+struct SiluTimes;
+
+impl CustomOp2 for SiluTimes {
+    fn name(&self) -> &'static str {
+        "silu-times"
+    }
+
+    fn cpu_fwd(
+        &self,
+        gate: &CpuStorage,
+        lg: &Layout,
+        up: &CpuStorage,
+        lu: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (CpuStorage::F32(gate), CpuStorage::F32(up)) = (gate, up) else {
+            candle_core::bail!("silu-times takes f32 tensors")
+        };
+        if lg.dims() != lu.dims() {
+            candle_core::bail!(
+                "silu-times: gate {:?} and up {:?} differ",
+                lg.dims(),
+                lu.dims()
+            )
+        }
+        let width = lg.dims().last().copied().unwrap_or(1);
+        let (gate_rows, up_rows) = (row_starts(lg)?, row_starts(lu)?);
+        let mut out = Vec::with_capacity(lg.shape().elem_count());
+        for (g, u) in gate_rows.into_iter().zip(up_rows) {
+            let (g, u) = (&gate[g..g + width], &up[u..u + width]);
+            // candle's own silu, `x / (1 + e^-x)`, so answers do not move.
+            out.extend(g.iter().zip(u).map(|(&g, &u)| g / (1.0 + (-g).exp()) * u));
+        }
+        Ok((CpuStorage::F32(out), lg.shape().clone()))
+    }
+}
+
+/// Where each row (run along the last dimension) of `layout` starts, in
+/// order; the last dimension must be contiguous.
+fn row_starts(layout: &Layout) -> candle_core::Result<Vec<usize>> {
+    let (dims, stride) = (layout.dims(), layout.stride());
+    let Some((&1, outer_strides)) = stride.split_last() else {
+        if dims.is_empty() {
+            return Ok(vec![layout.start_offset()]);
+        }
+        candle_core::bail!("a contiguous last dimension is needed, got strides {stride:?}")
+    };
+    let outer = &dims[..dims.len() - 1];
+    let mut starts = vec![layout.start_offset()];
+    // Expand one leading dimension at a time, innermost last.
+    for (&n, &s) in outer.iter().zip(outer_strides) {
+        starts = starts
+            .iter()
+            .flat_map(|&base| (0..n).map(move |i| base + i * s))
+            .collect();
+    }
+    Ok(starts)
 }
 
 #[cfg(test)]
