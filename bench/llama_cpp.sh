@@ -78,7 +78,8 @@ fi
 echo "== hypertensor (release build)"
 cargo build --quiet --release --locked -p cli --bin hypertensor
 hypertensor="${CARGO_TARGET_DIR:-target}/release/hypertensor"
-model=$("$hypertensor" model path)
+# Fetches the default model on a new machine; prints its path either way.
+model=$("$hypertensor" model fetch)
 
 echo "== $rounds rounds of llama-bench then hypertensor bench local: $threads threads, $prompt prompt tokens, $decode decode tokens"
 rm -f "$cache"/round-*.json

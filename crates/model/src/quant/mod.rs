@@ -16,9 +16,11 @@
 //! rounded to 8 bits per 32-block, as llama.cpp does, so the dot products run
 //! on integers.
 
-mod scalar;
 #[cfg(target_arch = "x86_64")]
-mod x86;
+mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+mod scalar;
 
 use candle_core::quantized::GgmlDType;
 use half::f16;
@@ -63,6 +65,10 @@ pub struct QuantMatrix {
     quants: Vec<u8>,
 }
 
+/// The environment variable that picks a [`Kernel`] by name instead of the
+/// fastest one: `scalar`, `avx2` or `avx512`.
+pub const KERNEL_ENV: &str = "HYPERTENSOR_KERNEL";
+
 /// Which instruction set runs the dot products; chosen once per call from the CPU's features.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kernel {
@@ -70,17 +76,59 @@ pub enum Kernel {
     Scalar,
     /// AVX2 with FMA (x86-64).
     Avx2,
+    /// AVX-512 F, BW, VL and VNNI, with AVX2 and FMA (x86-64: Zen 4, Ice
+    /// Lake and later): integer kernels for 8-bit activations, AVX2's for f32.
+    Avx512,
 }
 
 impl Kernel {
-    /// The fastest kernel this CPU supports.
+    /// The fastest kernel this CPU supports, or the one the environment
+    /// variable [`KERNEL_ENV`] names if the CPU supports it (for comparing
+    /// kernels on one machine). Decided once per process.
     pub fn detect() -> Self {
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            return Self::Avx2;
+        static CHOSEN: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
+        *CHOSEN.get_or_init(|| {
+            let supported = Self::supported();
+            let fastest = supported.last().copied().unwrap_or(Self::Scalar);
+            let Ok(name) = std::env::var(KERNEL_ENV) else {
+                return fastest;
+            };
+            match supported.into_iter().find(|k| k.name() == name) {
+                Some(kernel) => kernel,
+                None => {
+                    tracing::warn!(
+                        "{KERNEL_ENV}={name} is not a kernel this CPU supports; using {}",
+                        fastest.name()
+                    );
+                    fastest
+                }
+            }
+        })
+    }
+
+    /// The kernel's name, as [`KERNEL_ENV`] takes it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Scalar => "scalar",
+            Self::Avx2 => "avx2",
+            Self::Avx512 => "avx512",
         }
-        Self::Scalar
+    }
+
+    /// Every kernel this CPU can run, slowest first.
+    pub fn supported() -> Vec<Self> {
+        let mut kernels = vec![Self::Scalar];
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            if has!("avx2") && has!("fma") {
+                kernels.push(Self::Avx2);
+                if has!("avx512f") && has!("avx512bw") && has!("avx512vl") && has!("avx512vnni") {
+                    kernels.push(Self::Avx512);
+                }
+            }
+        }
+        kernels
     }
 }
 
@@ -179,6 +227,15 @@ impl QuantMatrix {
         (self.scales.len() + self.mins.len()) * 4 + self.quants.len()
     }
 
+    /// Whether AVX-512 multiplies this matrix by f32 activations through a
+    /// table of each block's sixteen values ([`avx512`]'s `nibbles`), in
+    /// tiles of eight tokens: only for rows short enough that such a tile of
+    /// activations (32 bytes per column) stays in L1. On wider rows the
+    /// table kernel measured slower than AVX2's.
+    fn uses_nibble_table(&self) -> bool {
+        self.layout == QuantLayout::Nibbles && self.cols <= 1024
+    }
+
     fn blocks_per_row(&self) -> usize {
         self.cols / BLOCK
     }
@@ -212,10 +269,34 @@ impl QuantMatrix {
 
     /// `y = x W^T` for `x` of shape `[tokens, cols]` (row-major), returning `[tokens, rows]`.
     ///
-    /// Rows are split across rayon's pool; within a task, tiles of up to four
-    /// tokens share each expanded weight block.
+    /// Rows are split across rayon's pool; within a task, tiles of tokens
+    /// share each expanded weight block: eight for AVX-512's table kernel,
+    /// four for the others.
     pub fn matmul(&self, x: &[f32], tokens: usize, kernel: Kernel) -> Vec<f32> {
         assert_eq!(x.len(), tokens * self.cols, "activation length");
+        if kernel == Kernel::Avx512 && self.uses_nibble_table() {
+            // The table kernel meets each block's activations in the 8-bit
+            // kernels' order; its table holds the offsets, so no block sums.
+            let x: Vec<f32> = x
+                .chunks_exact(BLOCK)
+                .flat_map(|b| NIBBLE_Q8_ORDER.map(|i| b[i]))
+                .collect();
+            let acts = Activations {
+                x: &x,
+                xsums: &[],
+                cols: self.cols,
+            };
+            return self.by_rows(
+                tokens,
+                |row, t| dot_tile::<8>(self.layout, kernel, row, acts.tile(t)),
+                |row, t| dot_tile::<1>(self.layout, kernel, row, acts.tile(t)),
+            );
+        }
+        // Elsewhere AVX2's kernels are the faster ones for f32 activations.
+        let kernel = match kernel {
+            Kernel::Avx512 => Kernel::Avx2,
+            other => other,
+        };
         let xsums: Vec<f32> = match self.layout {
             QuantLayout::Nibbles => x.chunks_exact(BLOCK).map(|b| b.iter().sum()).collect(),
             QuantLayout::Int8 => Vec::new(),
@@ -225,13 +306,11 @@ impl QuantMatrix {
             xsums: &xsums,
             cols: self.cols,
         };
-        self.by_rows(tokens, |row, out| {
-            tiled(
-                out,
-                |t| dot_tile::<4>(self.layout, kernel, row, acts.tile(t)),
-                |t| dot_tile::<1>(self.layout, kernel, row, acts.tile(t)),
-            )
-        })
+        self.by_rows(
+            tokens,
+            |row, t| dot_tile::<4>(self.layout, kernel, row, acts.tile(t)),
+            |row, t| dot_tile::<1>(self.layout, kernel, row, acts.tile(t)),
+        )
     }
 
     /// [`matmul`](Self::matmul) with the activations first rounded to 8 bits
@@ -240,36 +319,64 @@ impl QuantMatrix {
     pub fn matmul_q8(&self, x: &[f32], tokens: usize, kernel: Kernel) -> Vec<f32> {
         assert_eq!(x.len(), tokens * self.cols, "activation length");
         let acts = Q8Activations::quantize(x, self.cols, self.layout);
-        self.by_rows(tokens, |row, out| {
-            tiled(
-                out,
-                |t| dot_tile_q8::<4>(self.layout, kernel, row, acts.tile(t)),
-                |t| dot_tile_q8::<1>(self.layout, kernel, row, acts.tile(t)),
-            )
-        })
+        self.by_rows(
+            tokens,
+            |row, t| dot_tile_q8::<4>(self.layout, kernel, row, acts.tile(t)),
+            |row, t| dot_tile_q8::<1>(self.layout, kernel, row, acts.tile(t)),
+        )
     }
 
-    /// Runs `dots(row, out)` for every weight row in parallel, `out` holding
-    /// that row's result for each token, and returns `[tokens, rows]`.
-    fn by_rows(&self, tokens: usize, dots: impl Fn(Row<'_>, &mut [f32]) + Sync) -> Vec<f32> {
-        // Enough weights per task that rayon's overhead stays small next to the work.
+    /// Every row's dot products with every token, rows split across rayon's
+    /// pool, as `[tokens, rows]`: `tile(row, t)` gives tokens `t..t + W`,
+    /// `one(row, t)` token `t` alone, for the tokens left after the tiles.
+    ///
+    /// A task takes a few rows and runs token tiles outside, rows inside, so
+    /// both its rows' blocks and a tile's activations stay in L1 (rows outside
+    /// re-read every token's activations from L2 for each row). Every tile
+    /// width sums a token's blocks in the same order, so a session's result
+    /// does not depend on the batch it ran in.
+    fn by_rows<const W: usize>(
+        &self,
+        tokens: usize,
+        tile: impl Fn(Row<'_>, usize) -> [f32; W] + Sync,
+        one: impl Fn(Row<'_>, usize) -> [f32; 1] + Sync,
+    ) -> Vec<f32> {
+        // Enough weights per task that rayon's overhead stays small next to
+        // the work, and few enough that they stay in L1.
         let rows_per_task = (16_384 / self.cols).clamp(1, self.rows);
-        let mut by_row = vec![0f32; self.rows * tokens];
-        by_row
+        // Each task's results, token-major: `[tokens, rows of the task]`.
+        let mut by_task = vec![0f32; self.rows * tokens];
+        by_task
             .par_chunks_mut(rows_per_task * tokens)
             .enumerate()
             .for_each(|(task, out)| {
-                for (i, out_row) in out.chunks_exact_mut(tokens).enumerate() {
-                    dots(self.row(task * rows_per_task + i), out_row);
+                let first = task * rows_per_task;
+                let rows = out.len() / tokens;
+                let mut t = 0;
+                while t + W <= tokens {
+                    for i in 0..rows {
+                        let dots = tile(self.row(first + i), t);
+                        for (k, v) in dots.into_iter().enumerate() {
+                            out[(t + k) * rows + i] = v;
+                        }
+                    }
+                    t += W;
+                }
+                for t in t..tokens {
+                    for i in 0..rows {
+                        out[t * rows + i] = one(self.row(first + i), t)[0];
+                    }
                 }
             });
         if tokens == 1 {
-            return by_row;
+            return by_task;
         }
         let mut out = vec![0f32; self.rows * tokens];
-        for (r, vals) in by_row.chunks_exact(tokens).enumerate() {
-            for (t, v) in vals.iter().enumerate() {
-                out[t * self.rows + r] = *v;
+        for (task, chunk) in by_task.chunks(rows_per_task * tokens).enumerate() {
+            let rows = chunk.len() / tokens;
+            let first = task * rows_per_task;
+            for (t, part) in chunk.chunks_exact(rows).enumerate() {
+                out[t * self.rows + first..][..rows].copy_from_slice(part);
             }
         }
         out
@@ -426,24 +533,6 @@ impl Q8Activations {
     }
 }
 
-/// Fills `out[t]` for every token, four at a time while four remain.
-///
-/// Every tile width sums a token's blocks in the same order, so a session's
-/// result does not depend on the batch it ran in. (Tiles of eight in one
-/// accumulator set were faster for prompts, but summed in another order.)
-fn tiled(out: &mut [f32], four: impl Fn(usize) -> [f32; 4], one: impl Fn(usize) -> [f32; 1]) {
-    let tokens = out.len();
-    let mut t = 0;
-    while t + 4 <= tokens {
-        out[t..t + 4].copy_from_slice(&four(t));
-        t += 4;
-    }
-    while t < tokens {
-        out[t] = one(t)[0];
-        t += 1;
-    }
-}
-
 fn dot_tile_q8<const N: usize>(
     layout: QuantLayout,
     kernel: Kernel,
@@ -452,12 +541,19 @@ fn dot_tile_q8<const N: usize>(
 ) -> [f32; N] {
     match (kernel, layout) {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `Kernel::Avx2` is only ever produced by `Kernel::detect` after
-        // checking that the CPU has AVX2 and FMA; slice lengths are checked inside.
-        (Kernel::Avx2, QuantLayout::Nibbles) => unsafe { x86::nibbles_q8_avx2(row, xs) },
+        // SAFETY: `Kernel::Avx2` is only ever produced by `Kernel::supported`
+        // after checking that the CPU has AVX2 and FMA, and `Kernel::Avx512`
+        // after checking for its features as well; slice lengths are checked inside.
+        (Kernel::Avx2, QuantLayout::Nibbles) => unsafe { avx2::nibbles_q8(row, xs) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
-        (Kernel::Avx2, QuantLayout::Int8) => unsafe { x86::int8_q8_avx2(row, xs) },
+        (Kernel::Avx2, QuantLayout::Int8) => unsafe { avx2::int8_q8(row, xs) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        (Kernel::Avx512, QuantLayout::Nibbles) => unsafe { avx512::nibbles_q8(row, xs) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        (Kernel::Avx512, QuantLayout::Int8) => unsafe { avx512::int8_q8(row, xs) },
         (_, QuantLayout::Nibbles) => scalar::nibbles_q8(row, xs),
         (_, QuantLayout::Int8) => scalar::int8_q8(row, xs),
     }
@@ -471,12 +567,15 @@ fn dot_tile<const N: usize>(
 ) -> [f32; N] {
     match (kernel, layout) {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `Kernel::Avx2` is only ever produced by `Kernel::detect` after
-        // checking that the CPU has AVX2 and FMA; slice lengths are checked inside.
-        (Kernel::Avx2, QuantLayout::Nibbles) => unsafe { x86::nibbles_avx2(row, xs, xsums) },
+        // SAFETY: as in `dot_tile_q8`.
+        (Kernel::Avx2, QuantLayout::Nibbles) => unsafe { avx2::nibbles(row, xs, xsums) },
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: as above.
-        (Kernel::Avx2, QuantLayout::Int8) => unsafe { x86::int8_avx2(row, xs) },
+        // SAFETY: as above; `matmul` gives this kernel only the matrices it
+        // suits, with their activations permuted.
+        (Kernel::Avx512, QuantLayout::Nibbles) => unsafe { avx512::nibbles(row, xs) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above (AVX-512 here implies AVX2 and FMA).
+        (Kernel::Avx2 | Kernel::Avx512, QuantLayout::Int8) => unsafe { avx2::int8(row, xs) },
         (_, QuantLayout::Nibbles) => scalar::nibbles(row, xs, xsums),
         (_, QuantLayout::Int8) => scalar::int8(row, xs),
     }
@@ -550,13 +649,19 @@ mod tests {
 
     #[test]
     fn every_kernel_matches_the_exact_product() {
-        let (rows, cols) = (37, 160);
-        for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
+        // Short rows take AVX-512's table kernel; long ones (an odd number of
+        // blocks, too) AVX2's.
+        for (rows, cols, dtype) in [
+            (37, 160, GgmlDType::Q4_0),
+            (37, 160, GgmlDType::Q4_1),
+            (37, 160, GgmlDType::Q8_0),
+            (5, 1056, GgmlDType::Q4_1),
+        ] {
             let (m, w) = quantized(dtype, rows, cols);
             for tokens in [1, 3, 4, 9, 13] {
                 let x = random(tokens, cols, 11);
                 let want = reference(&w, &x, rows, cols, tokens);
-                for kernel in [Kernel::Scalar, Kernel::detect()] {
+                for kernel in Kernel::supported() {
                     let got = m.matmul(&x, tokens, kernel);
                     for (g, w) in got.iter().zip(&want) {
                         assert!(
@@ -578,7 +683,7 @@ mod tests {
             let (m, _) = quantized(dtype, rows, cols);
             let tokens = 13;
             let x = random(tokens, cols, 13);
-            for kernel in [Kernel::Scalar, Kernel::detect()] {
+            for kernel in Kernel::supported() {
                 let batch = m.matmul(&x, tokens, kernel);
                 let batch_q8 = m.matmul_q8(&x, tokens, kernel);
                 for t in 0..tokens {
@@ -640,7 +745,7 @@ mod tests {
                     })
                 })
                 .collect();
-            for kernel in [Kernel::Scalar, Kernel::detect()] {
+            for kernel in Kernel::supported() {
                 assert_eq!(
                     m.matmul_q8(&xs, tokens, kernel),
                     exact,
@@ -660,7 +765,7 @@ mod tests {
                 let rounded = Q8Activations::quantize(&x, cols, m.layout).dequantize(m.layout);
                 let want = reference(&w, &rounded, rows, cols, tokens);
                 let exact = reference(&w, &x, rows, cols, tokens);
-                for kernel in [Kernel::Scalar, Kernel::detect()] {
+                for kernel in Kernel::supported() {
                     let got = m.matmul_q8(&x, tokens, kernel);
                     for ((g, w), e) in got.iter().zip(&want).zip(&exact) {
                         assert!(

@@ -1,4 +1,4 @@
-//! AVX2 + FMA kernels. Each expands a 32-weight block once and multiplies it
+//! AVX2 + FMA kernels, and the loop helpers the AVX-512 ones share. Each expands a 32-weight block once and multiplies it
 //! into every token of the tile: to four f32 vectors against f32
 //! activations, to 32 bytes against 8-bit ones.
 //!
@@ -21,7 +21,7 @@ const PREFETCH_AHEAD: usize = 1024;
 /// faults, so it may point past the matrix's end.
 #[inline]
 #[target_feature(enable = "avx2,fma")]
-fn prefetch_ahead(q: *const u8) {
+pub(super) fn prefetch_ahead(q: *const u8) {
     _mm_prefetch::<_MM_HINT_T0>(q.wrapping_add(PREFETCH_AHEAD) as *const i8)
 }
 
@@ -39,7 +39,7 @@ fn hsum(v: __m256) -> f32 {
 /// `sum a_i * b_i` over equal-length slices.
 #[inline]
 #[target_feature(enable = "avx2,fma")]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+pub(super) fn dot(a: &[f32], b: &[f32]) -> f32 {
     let n = a.len().min(b.len());
     let mut acc = _mm256_setzero_ps();
     let mut i = 0;
@@ -145,23 +145,23 @@ fn scaled_dots<const N: usize, const INT8: bool>(row: Row<'_>, xs: [&[f32]; N]) 
             }
         }
     };
-    accumulate(nb, block)
+    sum_sets(accumulate(nb, _mm256_setzero_ps(), block))
 }
 
 /// Runs `block(b, acc)` for blocks `0..nb`, even blocks into one set of
-/// accumulators and odd ones into another, and returns each token's sum.
+/// accumulators and odd ones into another, both starting at `zero`, and
+/// returns the two sets.
 ///
 /// The sets are two named arrays, not one indexed by `b & 1`: a runtime
 /// index keeps the accumulators in memory, and the store-to-load round trip
 /// then bounds the loop.
 #[inline(always)]
-fn accumulate<const N: usize>(
+pub(super) fn accumulate<V: Copy, const N: usize>(
     nb: usize,
-    mut block: impl FnMut(usize, &mut [__m256; N]),
-) -> [f32; N] {
-    // SAFETY (of the intrinsics below): only called from functions compiled
-    // with AVX2 enabled, into which this inlines.
-    let mut even = [unsafe { _mm256_setzero_ps() }; N];
+    zero: V,
+    mut block: impl FnMut(usize, &mut [V; N]),
+) -> ([V; N], [V; N]) {
+    let mut even = [zero; N];
     let mut odd = even;
     let mut b = 0;
     while b + 2 <= nb {
@@ -172,13 +172,20 @@ fn accumulate<const N: usize>(
     if b < nb {
         block(b, &mut even);
     }
-    std::array::from_fn(|t| unsafe { hsum(_mm256_add_ps(even[t], odd[t])) })
+    (even, odd)
+}
+
+/// Each token's sum over both accumulator sets.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn sum_sets<const N: usize>((even, odd): ([__m256; N], [__m256; N])) -> [f32; N] {
+    std::array::from_fn(|t| hsum(_mm256_add_ps(even[t], odd[t])))
 }
 
 /// # Safety
 /// The CPU must support AVX2 and FMA.
 #[target_feature(enable = "avx2,fma")]
-pub(super) unsafe fn nibbles_avx2<const N: usize>(
+pub(super) unsafe fn nibbles<const N: usize>(
     row: Row<'_>,
     xs: [&[f32]; N],
     xsums: [&[f32]; N],
@@ -192,7 +199,7 @@ pub(super) unsafe fn nibbles_avx2<const N: usize>(
 /// # Safety
 /// The CPU must support AVX2 and FMA.
 #[target_feature(enable = "avx2,fma")]
-pub(super) unsafe fn int8_avx2<const N: usize>(row: Row<'_>, xs: [&[f32]; N]) -> [f32; N] {
+pub(super) unsafe fn int8<const N: usize>(row: Row<'_>, xs: [&[f32]; N]) -> [f32; N] {
     scaled_dots::<N, true>(row, xs)
 }
 
@@ -203,7 +210,7 @@ pub(super) unsafe fn int8_avx2<const N: usize>(row: Row<'_>, xs: [&[f32]; N]) ->
 /// `q` must point to 16 readable bytes.
 #[inline]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn nibbles_u8(q: *const u8) -> __m256i {
+pub(super) unsafe fn nibbles_u8(q: *const u8) -> __m256i {
     // SAFETY: the caller guarantees 16 bytes at `q`.
     let raw = unsafe { _mm_loadu_si128(q as *const __m128i) };
     let mask = _mm_set1_epi8(0x0F);
@@ -252,16 +259,13 @@ fn scaled_dots_q8<const N: usize, const INT8: bool>(
             }
         }
     };
-    accumulate(nb, block)
+    sum_sets(accumulate(nb, _mm256_setzero_ps(), block))
 }
 
 /// # Safety
 /// The CPU must support AVX2 and FMA.
 #[target_feature(enable = "avx2,fma")]
-pub(super) unsafe fn nibbles_q8_avx2<const N: usize>(
-    row: Row<'_>,
-    xs: [Q8Block<'_>; N],
-) -> [f32; N] {
+pub(super) unsafe fn nibbles_q8<const N: usize>(row: Row<'_>, xs: [Q8Block<'_>; N]) -> [f32; N] {
     assert!(row.mins.len() == row.scales.len());
     let dots = scaled_dots_q8::<N, false>(row, xs);
     std::array::from_fn(|t| dots[t] + dot(row.mins, xs[t].sums))
@@ -270,6 +274,6 @@ pub(super) unsafe fn nibbles_q8_avx2<const N: usize>(
 /// # Safety
 /// The CPU must support AVX2 and FMA.
 #[target_feature(enable = "avx2,fma")]
-pub(super) unsafe fn int8_q8_avx2<const N: usize>(row: Row<'_>, xs: [Q8Block<'_>; N]) -> [f32; N] {
+pub(super) unsafe fn int8_q8<const N: usize>(row: Row<'_>, xs: [Q8Block<'_>; N]) -> [f32; N] {
     scaled_dots_q8::<N, true>(row, xs)
 }
