@@ -1,6 +1,7 @@
-//! AVX2 + FMA kernels, and the loop helpers the AVX-512 ones share. Each expands a 32-weight block once and multiplies it
-//! into every token of the tile: to four f32 vectors against f32
-//! activations, to 32 bytes against 8-bit ones.
+//! AVX2 + FMA kernels, and the loop helpers the AVX-512 ones share. Each
+//! kernel expands a 32-weight block once and multiplies it into every token
+//! of the tile: to four f32 vectors against f32 activations, to 32 bytes
+//! against 8-bit ones.
 //!
 //! Blocks alternate between two sets of accumulators: with one set, the
 //! 4-cycle latency of the accumulating FMA, not the arithmetic, bounds a
