@@ -69,7 +69,8 @@ pub struct QuantMatrix {
 /// fastest one: `scalar`, `avx2` or `avx512`.
 pub const KERNEL_ENV: &str = "HYPERTENSOR_KERNEL";
 
-/// Which instruction set runs the dot products; chosen once per call from the CPU's features.
+/// Which instruction set runs the dot products; chosen once per process from
+/// the CPU's features ([`Kernel::detect`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kernel {
     /// Portable loop, also the reference the SIMD kernels are tested against.
@@ -77,7 +78,8 @@ pub enum Kernel {
     /// AVX2 with FMA (x86-64).
     Avx2,
     /// AVX-512 F, BW, VL and VNNI, with AVX2 and FMA (x86-64: Zen 4, Ice
-    /// Lake and later): integer kernels for 8-bit activations, AVX2's for f32.
+    /// Lake and later): integer kernels for 8-bit activations; for f32 ones a
+    /// table kernel on short nibble rows, AVX2's elsewhere.
     Avx512,
 }
 
