@@ -20,6 +20,8 @@
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+#[cfg(target_arch = "aarch64")]
+mod neon;
 mod scalar;
 
 use candle_core::quantized::GgmlDType;
@@ -66,7 +68,8 @@ pub struct QuantMatrix {
 }
 
 /// The environment variable that picks a [`Kernel`] by name instead of the
-/// fastest one: `scalar`, `avx2` or `avx512`.
+/// fastest one: `scalar`, `avx2` or `avx512` on x86-64, `scalar`, `neon` or
+/// `neon-dotprod` on AArch64.
 pub const KERNEL_ENV: &str = "HYPERTENSOR_KERNEL";
 
 /// Which instruction set runs the dot products; chosen once per process from
@@ -81,6 +84,15 @@ pub enum Kernel {
     /// Lake and later): integer kernels for 8-bit activations; for f32 ones a
     /// table kernel on short nibble rows, AVX2's elsewhere.
     Avx512,
+    /// NEON (AArch64): expanded blocks against f32 activations, widening
+    /// multiplies (`smull`) against 8-bit ones.
+    Neon,
+    /// NEON with the dot product extension (AArch64 from Armv8.2-A, where the
+    /// CPU has it: Cortex-A76, Neoverse N1, Apple M1 and later): [`Neon`]'s
+    /// kernels for f32 activations, SDOT against 8-bit ones.
+    ///
+    /// [`Neon`]: Kernel::Neon
+    NeonDot,
 }
 
 impl Kernel {
@@ -114,6 +126,8 @@ impl Kernel {
             Self::Scalar => "scalar",
             Self::Avx2 => "avx2",
             Self::Avx512 => "avx512",
+            Self::Neon => "neon",
+            Self::NeonDot => "neon-dotprod",
         }
     }
 
@@ -127,6 +141,18 @@ impl Kernel {
                 kernels.push(Self::Avx2);
                 if has!("avx512f") && has!("avx512bw") && has!("avx512vl") && has!("avx512vnni") {
                     kernels.push(Self::Avx512);
+                }
+            }
+        }
+        #[cfg(target_arch = "aarch64")]
+        {
+            // NEON is part of the AArch64 baseline, but checked all the same:
+            // the kernels' safety rests on this test, not on the target.
+            use std::arch::is_aarch64_feature_detected as has;
+            if has!("neon") {
+                kernels.push(Self::Neon);
+                if has!("dotprod") {
+                    kernels.push(Self::NeonDot);
                 }
             }
         }
@@ -556,6 +582,21 @@ fn dot_tile_q8<const N: usize>(
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
         (Kernel::Avx512, QuantLayout::Int8) => unsafe { avx512::int8_q8(row, xs) },
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: `Kernel::Neon` is only ever produced by `Kernel::supported`
+        // after checking that the CPU has NEON, and `Kernel::NeonDot` after
+        // checking for the dot product extension as well; slice lengths are
+        // checked inside.
+        (Kernel::Neon, QuantLayout::Nibbles) => unsafe { neon::nibbles_q8(row, xs) },
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: as above.
+        (Kernel::Neon, QuantLayout::Int8) => unsafe { neon::int8_q8(row, xs) },
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: as above.
+        (Kernel::NeonDot, QuantLayout::Nibbles) => unsafe { neon::nibbles_q8_sdot(row, xs) },
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: as above.
+        (Kernel::NeonDot, QuantLayout::Int8) => unsafe { neon::int8_q8_sdot(row, xs) },
         (_, QuantLayout::Nibbles) => scalar::nibbles_q8(row, xs),
         (_, QuantLayout::Int8) => scalar::int8_q8(row, xs),
     }
@@ -578,6 +619,14 @@ fn dot_tile<const N: usize>(
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above (AVX-512 here implies AVX2 and FMA).
         (Kernel::Avx2 | Kernel::Avx512, QuantLayout::Int8) => unsafe { avx2::int8(row, xs) },
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: as in `dot_tile_q8` (either NEON kernel implies NEON).
+        (Kernel::Neon | Kernel::NeonDot, QuantLayout::Nibbles) => unsafe {
+            neon::nibbles(row, xs, xsums)
+        },
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: as above.
+        (Kernel::Neon | Kernel::NeonDot, QuantLayout::Int8) => unsafe { neon::int8(row, xs) },
         (_, QuantLayout::Nibbles) => scalar::nibbles(row, xs, xsums),
         (_, QuantLayout::Int8) => scalar::int8(row, xs),
     }
