@@ -48,6 +48,8 @@ struct Row {
 struct ConcurrencyRow {
     clients: usize,
     aggregate_tokens_per_s: f64,
+    /// Session steps per compute pass, over every server.
+    mean_batch: f64,
 }
 
 const PROMPT: &str = "The history of the printing press begins in the fifteenth century, when";
@@ -123,6 +125,7 @@ impl SwarmBench {
             rows.push(row(&format!("{n} server(s): {label}"), &g));
             if n == largest {
                 for &clients in &self.clients {
+                    let batches_before = batch_totals(&servers);
                     let start = Instant::now();
                     let tokens: usize = std::thread::scope(|s| {
                         let runs: Vec<_> = (0..clients)
@@ -136,9 +139,13 @@ impl SwarmBench {
                             })
                             .sum::<Result<usize>>()
                     })?;
+                    let elapsed = start.elapsed().as_secs_f64();
+                    let (steps, passes) = batch_totals(&servers);
                     concurrency.push(ConcurrencyRow {
                         clients,
-                        aggregate_tokens_per_s: tokens as f64 / start.elapsed().as_secs_f64(),
+                        aggregate_tokens_per_s: tokens as f64 / elapsed,
+                        mean_batch: (steps - batches_before.0)
+                            / (passes - batches_before.1).max(1.0),
                     });
                 }
             }
@@ -165,18 +172,19 @@ impl SwarmBench {
             );
         }
         println!();
-        println!("| clients ({largest} servers) | aggregate tok/s | x 1 client |");
-        println!("|---|---|---|");
+        println!("| clients ({largest} servers) | aggregate tok/s | x 1 client | steps per pass |");
+        println!("|---|---|---|---|");
         let one = concurrency
             .iter()
             .find(|c| c.clients == 1)
             .map_or(1.0, |c| c.aggregate_tokens_per_s);
         for c in &concurrency {
             println!(
-                "| {} | {:.1} | {:.2} |",
+                "| {} | {:.1} | {:.2} | {:.2} |",
                 c.clients,
                 c.aggregate_tokens_per_s,
-                c.aggregate_tokens_per_s / one
+                c.aggregate_tokens_per_s / one,
+                c.mean_batch
             );
         }
         let json = serde_json::json!({
@@ -192,6 +200,23 @@ impl SwarmBench {
         eprintln!("wrote {}", self.json.display());
         Ok(())
     }
+}
+
+/// Session steps and compute passes so far, summed over `servers`, from
+/// their metrics.
+fn batch_totals(servers: &[(Server, p2p::NodeHandle)]) -> (f64, f64) {
+    let mut totals = (0.0, 0.0);
+    for (server, _) in servers {
+        let text = server.metrics().render();
+        let value = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        totals.0 += value("hypertensor_server_batch_size_sum ");
+        totals.1 += value("hypertensor_server_batch_size_count ");
+    }
+    totals
 }
 
 fn row(setup: &str, g: &model::Generation) -> Row {

@@ -315,6 +315,7 @@ impl Checkpoint {
             norm,
             lm_head,
             eps: c.rms_norm_eps as f32,
+            combiner: Default::default(),
         })
     }
 

@@ -11,6 +11,7 @@
 
 pub mod chat;
 pub mod checkpoint;
+mod combine;
 pub mod config;
 pub mod error;
 mod fused;

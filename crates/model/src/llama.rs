@@ -8,6 +8,7 @@ use std::sync::Arc;
 use candle_core::{D, DType, Device, Tensor, Var};
 use candle_nn::{ops, rotary_emb};
 
+use crate::combine::Combiner;
 use crate::config::{ModelConfig, RopeStyle};
 use crate::error::{ModelError, Result};
 use crate::kv_cache::KvCache;
@@ -589,11 +590,17 @@ fn causal_mask(pos: usize, t: usize, device: &Device) -> Result<Option<Tensor>> 
 }
 
 /// The final norm and the LM head.
+///
+/// Concurrent [`forward`](Self::forward) calls from several threads run as
+/// one batch ([`crate::combine`]): the head is the largest matrix of a small
+/// model, and read once for every waiting session instead of once each.
+/// Clones share the batching.
 #[derive(Debug, Clone)]
 pub struct Head {
     pub(crate) norm: Tensor,
     pub(crate) lm_head: Linear,
     pub(crate) eps: f32,
+    pub(crate) combiner: Arc<Combiner>,
 }
 
 impl Head {
@@ -610,10 +617,13 @@ impl Head {
             .narrow(1, t - 1, 1)?
             .to_dtype(DType::F32)?
             .to_device(self.norm.device())?;
-        let normed = ops::rms_norm(&last, &self.norm, self.eps)?;
-        rayon::scope(|_| {
+        self.combiner.run(last, |last| {
             bind(self.norm.device())?;
-            Ok(self.lm_head.forward(&normed)?.squeeze(1)?)
+            let normed = ops::rms_norm(last, &self.norm, self.eps)?;
+            rayon::scope(|_| {
+                bind(self.norm.device())?;
+                Ok(self.lm_head.forward(&normed)?.squeeze(1)?)
+            })
         })
     }
 

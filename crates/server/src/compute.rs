@@ -4,23 +4,31 @@
 //! One worker thread owns the compute (whose kernels are themselves parallel
 //! across the cores), so concurrent sessions take turns instead of
 //! oversubscribing the machine. When it finishes a pass it takes every step
-//! that queued meanwhile; single-token steps of sessions over the same blocks
-//! run as one [`BlockSpan::forward_batch`], which reads each weight once for
-//! all of them.
+//! that queued meanwhile, waits a little for sessions that are due
+//! ([`crate::gather`]), and runs single-token steps of sessions over the same
+//! blocks as one [`BlockSpan::forward_batch`], which reads each weight once
+//! for all of them.
 
 use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::Arc;
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 use model::{BlockSpan, ModelError, SpanCache};
+use prometheus_client::metrics::histogram::Histogram;
 use tokio::sync::oneshot;
+
+use crate::gather::{Gather, Held, PassKey, SessionId};
 
 /// A step's result, with the session's cache handed back.
 pub(crate) type StepResult = (Result<Tensor, ModelError>, SpanCache);
 
 struct Job {
+    session: SessionId,
+    queued_at: Instant,
     weights: Arc<BlockSpan>,
     blocks: Range<usize>,
     hidden: Tensor,
@@ -28,24 +36,62 @@ struct Job {
     reply: oneshot::Sender<StepResult>,
 }
 
+impl Job {
+    /// Single-token steps over the same weights and blocks can share a pass.
+    fn decode_key(&self) -> Option<PassKey> {
+        (self.hidden.dims() == [1, 1, self.weights.config().hidden_size]).then_some((
+            Arc::as_ptr(&self.weights) as usize,
+            self.blocks.start,
+            self.blocks.end,
+        ))
+    }
+}
+
+enum Message {
+    Step(Job),
+    Closed(SessionId),
+}
+
 /// Handle to the worker thread; the thread ends when every handle is gone.
 #[derive(Clone)]
 pub(crate) struct Compute {
-    jobs: mpsc::Sender<Job>,
+    messages: mpsc::Sender<Message>,
+    next_session: Arc<AtomicU64>,
 }
 
 impl Compute {
     /// Starts the worker; `batching` off runs every step alone (for
-    /// measuring what batching gains).
-    pub(crate) fn start(batching: bool) -> Self {
-        let (jobs, rx) = mpsc::channel();
+    /// measuring what batching gains). Each pass's step count goes to
+    /// `batch_sizes`.
+    pub(crate) fn start(batching: bool, batch_sizes: Histogram) -> Self {
+        let (messages, rx) = mpsc::channel();
         std::thread::Builder::new()
             .name("compute".into())
-            .spawn(move || worker(&rx, batching))
+            .spawn(move || worker(&rx, batching, &batch_sizes))
             .expect("spawning the compute thread");
-        Self { jobs }
+        Self {
+            messages,
+            next_session: Arc::new(AtomicU64::new(0)),
+        }
     }
 
+    /// A session's handle for its steps; the worker forgets the session when
+    /// it drops.
+    pub(crate) fn session(&self) -> SessionCompute {
+        SessionCompute {
+            id: self.next_session.fetch_add(1, Ordering::Relaxed),
+            messages: self.messages.clone(),
+        }
+    }
+}
+
+/// One session's way to the compute worker.
+pub(crate) struct SessionCompute {
+    id: SessionId,
+    messages: mpsc::Sender<Message>,
+}
+
+impl SessionCompute {
     /// Runs `hidden` through `blocks` of `weights` with the session's cache.
     pub(crate) async fn step(
         &self,
@@ -55,50 +101,93 @@ impl Compute {
         cache: SpanCache,
     ) -> Option<StepResult> {
         let (reply, rx) = oneshot::channel();
-        self.jobs
-            .send(Job {
+        self.messages
+            .send(Message::Step(Job {
+                session: self.id,
+                queued_at: Instant::now(),
                 weights,
                 blocks,
                 hidden,
                 cache,
                 reply,
-            })
+            }))
             .ok()?;
         rx.await.ok()
     }
 }
 
-fn worker(rx: &mpsc::Receiver<Job>, batching: bool) {
+impl Drop for SessionCompute {
+    fn drop(&mut self) {
+        let _ = self.messages.send(Message::Closed(self.id));
+    }
+}
+
+fn worker(rx: &mpsc::Receiver<Message>, batching: bool, batch_sizes: &Histogram) {
+    let mut gather = Gather::default();
+    let mut jobs = Vec::new();
     while let Ok(first) = rx.recv() {
-        let mut jobs = vec![first];
+        take(first, &mut jobs, &mut gather);
         if batching {
-            jobs.extend(rx.try_iter());
-        }
-        // Group single-token steps by the weights and blocks they run.
-        let mut groups: HashMap<(usize, usize, usize), Vec<Job>> = HashMap::new();
-        let mut singles = Vec::new();
-        for job in jobs {
-            if job.hidden.dims() == [1, 1, job.weights.config().hidden_size] {
-                let key = (
-                    Arc::as_ptr(&job.weights) as usize,
-                    job.blocks.start,
-                    job.blocks.end,
-                );
-                groups.entry(key).or_default().push(job);
-            } else {
-                singles.push(job);
+            for message in rx.try_iter() {
+                take(message, &mut jobs, &mut gather);
+            }
+            loop {
+                let held: Vec<Held> = jobs
+                    .iter()
+                    .filter_map(|j| {
+                        j.decode_key().map(|key| Held {
+                            session: j.session,
+                            key,
+                            queued_at: j.queued_at,
+                        })
+                    })
+                    .collect();
+                let now = Instant::now();
+                let Some(deadline) = gather.deadline(&held, now) else {
+                    break;
+                };
+                match rx.recv_timeout(deadline - now) {
+                    Ok(message) => take(message, &mut jobs, &mut gather),
+                    Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
+                }
             }
         }
-        for (_, group) in groups {
+        // Group single-token steps by the weights and blocks they run.
+        let mut groups: HashMap<PassKey, Vec<Job>> = HashMap::new();
+        let mut singles = Vec::new();
+        for job in jobs.drain(..) {
+            match job.decode_key() {
+                Some(key) if batching => groups.entry(key).or_default().push(job),
+                _ => singles.push(job),
+            }
+        }
+        for (key, group) in groups {
+            batch_sizes.observe(group.len() as f64);
             if group.len() == 1 {
-                singles.extend(group);
+                let start = Instant::now();
+                group.into_iter().for_each(run_one);
+                gather.ran_alone(key, start.elapsed());
             } else {
                 run_batch(group);
             }
         }
         for job in singles {
+            batch_sizes.observe(1.0);
             run_one(job);
         }
+    }
+}
+
+/// Holds a step, or forgets a session.
+fn take(message: Message, jobs: &mut Vec<Job>, gather: &mut Gather) {
+    match message {
+        Message::Step(job) => {
+            if let Some(key) = job.decode_key() {
+                gather.arrived(job.session, key, job.queued_at);
+            }
+            jobs.push(job);
+        }
+        Message::Closed(session) => gather.closed(session),
     }
 }
 

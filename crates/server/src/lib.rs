@@ -22,6 +22,7 @@ pub mod testing;
 pub mod throughput;
 
 mod compute;
+mod gather;
 mod server;
 mod session;
 mod state;

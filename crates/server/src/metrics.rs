@@ -60,6 +60,8 @@ pub(crate) struct ServerMetrics {
     requests: Family<KindLabels, Counter>,
     tokens: Counter,
     step_duration: Histogram,
+    /// Steps per compute pass; the compute worker observes it.
+    pub(crate) batch_sizes: Histogram,
     errors: Family<CodeLabels, Counter>,
     cache_tokens_left: Gauge,
     cache_tokens_total: Gauge,
@@ -80,6 +82,8 @@ impl ServerMetrics {
             // 0.5 ms to ~8 s: one decode step over one block up to a long
             // prompt over many.
             step_duration: Histogram::new(exponential_buckets(0.0005, 2.0, 15)),
+            // 1 to 128 steps a pass.
+            batch_sizes: Histogram::new(exponential_buckets(1.0, 2.0, 8)),
             errors: Family::default(),
             cache_tokens_left: Gauge::default(),
             cache_tokens_total: Gauge::default(),
@@ -111,6 +115,11 @@ impl ServerMetrics {
             "compute_duration_seconds",
             "Time to run one step or pass through the hosted blocks",
             m.step_duration.clone(),
+        );
+        r.register(
+            "batch_size",
+            "Session steps run in one compute pass",
+            m.batch_sizes.clone(),
         );
         r.register(
             "errors",
@@ -194,6 +203,7 @@ mod tests {
         let guard = m.session();
         m.computed("step", 7, Instant::now());
         m.error(ErrorCode::BadShape);
+        m.batch_sizes.observe(3.0);
         let text = m.encode(40, Span { start: 3, end: 9 });
         for line in [
             "hypertensor_server_sessions_opened_total 1",
@@ -201,6 +211,7 @@ mod tests {
             r#"hypertensor_server_requests_total{kind="step"} 1"#,
             "hypertensor_server_tokens_total 7",
             "hypertensor_server_compute_duration_seconds_count 1",
+            "hypertensor_server_batch_size_sum 3.0",
             r#"hypertensor_server_errors_total{code="BadShape"} 1"#,
             "hypertensor_server_cache_tokens_left 40",
             "hypertensor_server_cache_tokens 100",

@@ -21,6 +21,7 @@ use wire::{
     Response, Span, Step, WireError, WireTensor,
 };
 
+use crate::compute::SessionCompute;
 use crate::state::Shared;
 
 /// The largest first request read from a peer the gate refuses.
@@ -227,13 +228,14 @@ async fn run_session(shared: &Arc<Shared>, peer: PeerId, stream: &mut Stream, op
     tracing::debug!(%peer, span = %open.span, max_length = open.max_length, "session opened");
     let _open = shared.metrics.session();
     let mut cache = SpanCache::new(open.span.len() as usize, open.max_length as usize);
+    let compute = shared.compute.session();
     loop {
         let response = match next(shared, stream).await {
             Next::End => break,
             Next::Skipped => continue,
             Next::Request(Request::Close) => break,
             Next::Request(Request::Step(step)) => {
-                match session_step(shared, &weights, &open, &mut cache, step).await {
+                match session_step(shared, &compute, &weights, &open, &mut cache, step).await {
                     Ok(r) | Err(r) => r,
                 }
             }
@@ -285,6 +287,7 @@ fn open_session(
 
 async fn session_step(
     shared: &Shared,
+    compute: &SessionCompute,
     weights: &Arc<BlockSpan>,
     open: &OpenSession,
     cache: &mut SpanCache,
@@ -321,8 +324,7 @@ async fn session_step(
     cache.truncate(position);
     let start = Instant::now();
     let owned = std::mem::replace(cache, SpanCache::new(0, 0));
-    let (result, owned) = shared
-        .compute
+    let (result, owned) = compute
         .step(weights.clone(), blocks(open.span), x, owned)
         .await
         .ok_or_else(|| Response::error(ErrorCode::Internal, "the compute worker stopped"))?;

@@ -50,15 +50,16 @@ impl Shared {
         corrupt: bool,
         gate: Option<Arc<dyn PeerGate>>,
     ) -> Self {
+        let metrics = ServerMetrics::new(limits.cache_tokens);
         Self {
             model_id,
             hidden: span.config().hidden_size,
             budget: CacheBudget::new(limits.cache_tokens),
-            metrics: ServerMetrics::new(limits.cache_tokens),
+            compute: Compute::start(batching, metrics.batch_sizes.clone()),
+            metrics,
             corrupt,
             gate,
             listed: AtomicBool::new(true),
-            compute: Compute::start(batching),
             limits,
             span: RwLock::new(span),
             info: RwLock::new(info),

@@ -24,6 +24,8 @@ mod avx512;
 mod neon;
 mod scalar;
 
+use std::ops::Range;
+
 use candle_core::quantized::GgmlDType;
 use half::f16;
 use rayon::prelude::*;
@@ -314,11 +316,7 @@ impl QuantMatrix {
                 xsums: &[],
                 cols: self.cols,
             };
-            return self.by_rows(
-                tokens,
-                |row, t| dot_tile::<8>(self.layout, kernel, row, acts.tile(t)),
-                |row, t| dot_tile::<1>(self.layout, kernel, row, acts.tile(t)),
-            );
+            return self.by_rows(tokens, 8, &F32Tiles(self.layout, kernel, acts));
         }
         // Elsewhere AVX2's kernels are the faster ones for f32 activations.
         let kernel = match kernel {
@@ -334,11 +332,7 @@ impl QuantMatrix {
             xsums: &xsums,
             cols: self.cols,
         };
-        self.by_rows(
-            tokens,
-            |row, t| dot_tile::<4>(self.layout, kernel, row, acts.tile(t)),
-            |row, t| dot_tile::<1>(self.layout, kernel, row, acts.tile(t)),
-        )
+        self.by_rows(tokens, 4, &F32Tiles(self.layout, kernel, acts))
     }
 
     /// [`matmul`](Self::matmul) with the activations first rounded to 8 bits
@@ -347,28 +341,20 @@ impl QuantMatrix {
     pub fn matmul_q8(&self, x: &[f32], tokens: usize, kernel: Kernel) -> Vec<f32> {
         assert_eq!(x.len(), tokens * self.cols, "activation length");
         let acts = Q8Activations::quantize(x, self.cols, self.layout);
-        self.by_rows(
-            tokens,
-            |row, t| dot_tile_q8::<4>(self.layout, kernel, row, acts.tile(t)),
-            |row, t| dot_tile_q8::<1>(self.layout, kernel, row, acts.tile(t)),
-        )
+        self.by_rows(tokens, 4, &Q8Tiles(self.layout, kernel, acts))
     }
 
     /// Every row's dot products with every token, rows split across rayon's
-    /// pool, as `[tokens, rows]`: `tile(row, t)` gives tokens `t..t + W`,
-    /// `one(row, t)` token `t` alone, for the tokens left after the tiles.
+    /// pool, as `[tokens, rows]`, in tiles of at most `widest` tokens.
     ///
     /// A task takes a few rows and runs token tiles outside, rows inside, so
     /// both its rows' blocks and a tile's activations stay in L1 (rows outside
-    /// re-read every token's activations from L2 for each row). Every tile
-    /// width sums a token's blocks in the same order, so a session's result
-    /// does not depend on the batch it ran in.
-    fn by_rows<const W: usize>(
-        &self,
-        tokens: usize,
-        tile: impl Fn(Row<'_>, usize) -> [f32; W] + Sync,
-        one: impl Fn(Row<'_>, usize) -> [f32; 1] + Sync,
-    ) -> Vec<f32> {
+    /// re-read every token's activations from L2 for each row). Tokens left
+    /// after the widest tiles go in halving tiles (a batch of 7 runs as 4, 2
+    /// and 1), not one by one. Every tile width sums a token's blocks in the
+    /// same order, so a session's result does not depend on the batch it ran
+    /// in.
+    fn by_rows(&self, tokens: usize, widest: usize, tiles: &impl Tiles) -> Vec<f32> {
         // Enough weights per task that rayon's overhead stays small next to
         // the work, and few enough that they stay in L1.
         let rows_per_task = (16_384 / self.cols).clamp(1, self.rows);
@@ -378,21 +364,17 @@ impl QuantMatrix {
             .par_chunks_mut(rows_per_task * tokens)
             .enumerate()
             .for_each(|(task, out)| {
-                let first = task * rows_per_task;
-                let rows = out.len() / tokens;
+                let rows = (task * rows_per_task)..(task * rows_per_task + out.len() / tokens);
                 let mut t = 0;
-                while t + W <= tokens {
-                    for i in 0..rows {
-                        let dots = tile(self.row(first + i), t);
-                        for (k, v) in dots.into_iter().enumerate() {
-                            out[(t + k) * rows + i] = v;
+                for width in [8, 4, 2, 1] {
+                    while width <= widest && t + width <= tokens {
+                        match width {
+                            8 => self.tile_rows::<8>(tiles, rows.clone(), t, out),
+                            4 => self.tile_rows::<4>(tiles, rows.clone(), t, out),
+                            2 => self.tile_rows::<2>(tiles, rows.clone(), t, out),
+                            _ => self.tile_rows::<1>(tiles, rows.clone(), t, out),
                         }
-                    }
-                    t += W;
-                }
-                for t in t..tokens {
-                    for i in 0..rows {
-                        out[t * rows + i] = one(self.row(first + i), t)[0];
+                        t += width;
                     }
                 }
             });
@@ -408,6 +390,46 @@ impl QuantMatrix {
             }
         }
         out
+    }
+
+    /// `rows`' dot products with tokens `t..t + N`, into a task's token-major `out`.
+    fn tile_rows<const N: usize>(
+        &self,
+        tiles: &impl Tiles,
+        rows: Range<usize>,
+        t: usize,
+        out: &mut [f32],
+    ) {
+        let n = rows.len();
+        for (i, r) in rows.enumerate() {
+            for (k, v) in tiles.dots::<N>(self.row(r), t).into_iter().enumerate() {
+                out[(t + k) * n + i] = v;
+            }
+        }
+    }
+}
+
+/// One matmul's activations and kernel, for any tile width.
+trait Tiles: Sync {
+    /// `row`'s dot products with tokens `t..t + N`.
+    fn dots<const N: usize>(&self, row: Row<'_>, t: usize) -> [f32; N];
+}
+
+/// f32 activations.
+struct F32Tiles<'a>(QuantLayout, Kernel, Activations<'a>);
+
+impl Tiles for F32Tiles<'_> {
+    fn dots<const N: usize>(&self, row: Row<'_>, t: usize) -> [f32; N] {
+        dot_tile::<N>(self.0, self.1, row, self.2.tile(t))
+    }
+}
+
+/// Activations rounded to 8 bits.
+struct Q8Tiles(QuantLayout, Kernel, Q8Activations);
+
+impl Tiles for Q8Tiles {
+    fn dots<const N: usize>(&self, row: Row<'_>, t: usize) -> [f32; N] {
+        dot_tile_q8::<N>(self.0, self.1, row, self.2.tile(t))
     }
 }
 
@@ -732,7 +754,8 @@ mod tests {
         let (rows, cols) = (37, 160);
         for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
             let (m, _) = quantized(dtype, rows, cols);
-            let tokens = 13;
+            // Tiles of 8, 4, 2 and 1 for the table kernel; 4, 2 and 1 elsewhere.
+            let tokens = 15;
             let x = random(tokens, cols, 13);
             for kernel in Kernel::supported() {
                 let batch = m.matmul(&x, tokens, kernel);
