@@ -437,6 +437,7 @@ impl BlockSpan {
             [one] => self.attend(&q, &k, &v, one)?,
             // Independent sessions, one row each: projections ran batched,
             // attention runs per session against its own cache.
+            many if q.device().is_cpu() => self.attend_each(&q, &k, &v, many)?,
             many => {
                 let ys = many
                     .iter_mut()
@@ -459,6 +460,48 @@ impl BlockSpan {
         };
         let mlp = w.down.forward(&act)?;
         Ok((x + mlp)?)
+    }
+
+    /// Attention for independent sessions at one new position each, on the
+    /// CPU: row `i` of `q`, `k`, `v` (`[n, 1, heads * head_dim]`) is session
+    /// `i`'s. The rotations run for every row at once (each with its own
+    /// position), then each session appends to and attends over its own
+    /// cache; [`attend`](Self::attend) per row gives the same numbers with
+    /// three times the ops.
+    fn attend_each(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        parts: &mut [Attend<'_>],
+    ) -> Result<Tensor> {
+        let c = &self.config;
+        let (n, hd) = (parts.len(), c.head_dim);
+        let cos = Tensor::stack(&parts.iter().map(|p| &p.cos).collect::<Vec<_>>(), 0)?;
+        let sin = Tensor::stack(&parts.iter().map(|p| &p.sin).collect::<Vec<_>>(), 0)?;
+        // One position a row: `[n, 1, heads * d]` is `[n, heads, 1, d]` in memory.
+        let rope = |t: &Tensor, heads: usize| -> Result<Tensor> {
+            let t = t.reshape((n, heads, 1, hd))?;
+            Ok(match c.rope_style {
+                RopeStyle::Interleaved => rotary_emb::rope_i(&t, &cos, &sin)?,
+                RopeStyle::Halves => rotary_emb::rope(&t, &cos, &sin)?,
+            })
+        };
+        let q = rope(q, c.num_heads)?;
+        let k = rope(k, c.num_kv_heads)?;
+        let v = v.reshape((n, c.num_kv_heads, 1, hd))?;
+        let ys = parts
+            .iter_mut()
+            .enumerate()
+            .map(|(i, p)| {
+                let kv = p.kv.as_deref_mut().ok_or_else(|| {
+                    ModelError::Unsupported("batched attention needs every session's cache".into())
+                })?;
+                let (keys, values) = kv.append(&k.narrow(0, i, 1)?, &v.narrow(0, i, 1)?)?;
+                crate::fused::cached_attention(&q.narrow(0, i, 1)?, &keys, &values)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&ys, 0)?)
     }
 
     /// Attention of projected `q`, `k`, `v` (`[b, t, heads * head_dim]`) for
