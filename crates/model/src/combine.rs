@@ -4,34 +4,59 @@
 //! clients of one swarm) each need the LM head for one position a step. Run
 //! apart, each reads all of the head's weights for one row of output; run
 //! together, the weights are read once for every row. Whoever arrives while
-//! no batch is running leads: it takes every input queued so far, runs them
-//! as one call and hands each caller its rows; inputs that arrive meanwhile
-//! queue for the next leader. No one waits for a batch to fill, so a lone
-//! caller pays only a lock.
+//! no batch is running leads: it waits for callers that are due
+//! ([`crate::gather`]; each calling thread counts as a session), takes every
+//! input queued by then, runs them as one call and hands each caller its
+//! rows; inputs that arrive meanwhile queue for the next leader. A lone
+//! caller is never due to itself, so it pays only a lock.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, PoisonError};
+use std::time::Instant;
 
 use candle_core::Tensor;
 
 use crate::error::{ModelError, Result};
+use crate::gather::{Gather, Held, SessionId};
+
+/// Each calling thread's identity to the gather policy.
+fn caller() -> SessionId {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    thread_local! {
+        static CALLER: SessionId = NEXT.fetch_add(1, Ordering::Relaxed);
+    }
+    CALLER.with(|id| *id)
+}
 
 /// Batches calls of a row-wise function across threads.
 #[derive(Debug, Default)]
 pub(crate) struct Combiner {
     state: Mutex<State>,
+    /// Signalled when a batch's results are in.
     finished: Condvar,
+    /// Signalled when an input is queued (for a leader waiting for more).
+    arrived: Condvar,
 }
 
 /// A follower's share of a batch: its rows, or the batch's failure.
 type Share = std::result::Result<Tensor, String>;
 
+/// An input waiting for a leader.
+#[derive(Debug)]
+struct Queued {
+    ticket: u64,
+    held: Held<()>,
+    input: Tensor,
+}
+
 #[derive(Debug, Default)]
 struct State {
     next_ticket: u64,
-    queued: Vec<(u64, Tensor)>,
+    queued: Vec<Queued>,
     results: HashMap<u64, Share>,
     leading: bool,
+    gather: Gather<()>,
 }
 
 impl Combiner {
@@ -47,7 +72,18 @@ impl Combiner {
         let mut state = self.lock();
         let ticket = state.next_ticket;
         state.next_ticket += 1;
-        state.queued.push((ticket, input));
+        let held = Held {
+            session: caller(),
+            key: (),
+            queued_at: Instant::now(),
+        };
+        state.gather.arrived(held.session, (), held.queued_at);
+        state.queued.push(Queued {
+            ticket,
+            held,
+            input,
+        });
+        self.arrived.notify_all();
         loop {
             if let Some(result) = state.results.remove(&ticket) {
                 return result.map_err(|e| candle_core::Error::Msg(e).into());
@@ -60,10 +96,30 @@ impl Combiner {
                 continue;
             }
             state.leading = true;
-            let batch = std::mem::take(&mut state.queued);
+            loop {
+                let held: Vec<Held<()>> = state.queued.iter().map(|q| q.held).collect();
+                let now = Instant::now();
+                let Some(deadline) = state.gather.deadline(&held, now) else {
+                    break;
+                };
+                state = self
+                    .arrived
+                    .wait_timeout(state, deadline - now)
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .0;
+            }
+            let batch: Vec<(u64, Tensor)> = std::mem::take(&mut state.queued)
+                .into_iter()
+                .map(|q| (q.ticket, q.input))
+                .collect();
             drop(state);
+            let start = Instant::now();
             let (own, others) = Self::lead(&batch, ticket, &f);
+            let took = start.elapsed();
             state = self.lock();
+            if batch.len() == 1 {
+                state.gather.ran_alone((), took);
+            }
             state.results.extend(others);
             state.leading = false;
             self.finished.notify_all();

@@ -15,6 +15,7 @@ mod combine;
 pub mod config;
 pub mod error;
 mod fused;
+pub mod gather;
 pub mod generate;
 pub mod kv_cache;
 pub mod linear;

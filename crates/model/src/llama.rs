@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use candle_core::{D, DType, Device, Tensor, Var};
 use candle_nn::{ops, rotary_emb};
+use rayon::prelude::*;
 
 use crate::combine::Combiner;
 use crate::config::{ModelConfig, RopeStyle};
@@ -466,8 +467,8 @@ impl BlockSpan {
     /// CPU: row `i` of `q`, `k`, `v` (`[n, 1, heads * head_dim]`) is session
     /// `i`'s. The rotations run for every row at once (each with its own
     /// position), then each session appends to and attends over its own
-    /// cache; [`attend`](Self::attend) per row gives the same numbers with
-    /// three times the ops.
+    /// cache, sessions in parallel; [`attend`](Self::attend) per row gives
+    /// the same numbers with three times the ops, one session at a time.
     fn attend_each(
         &self,
         q: &Tensor,
@@ -490,8 +491,10 @@ impl BlockSpan {
         let q = rope(q, c.num_heads)?;
         let k = rope(k, c.num_kv_heads)?;
         let v = v.reshape((n, c.num_kv_heads, 1, hd))?;
+        // Sessions attend in parallel: one session's attention is too small
+        // to split, and run one after another they leave the other cores idle.
         let ys = parts
-            .iter_mut()
+            .par_iter_mut()
             .enumerate()
             .map(|(i, p)| {
                 let kv = p.kv.as_deref_mut().ok_or_else(|| {

@@ -5,7 +5,7 @@
 //! across the cores), so concurrent sessions take turns instead of
 //! oversubscribing the machine. When it finishes a pass it takes every step
 //! that queued meanwhile, waits a little for sessions that are due
-//! ([`crate::gather`]), and runs single-token steps of sessions over the same
+//! ([`model::gather`]), and runs single-token steps of sessions over the same
 //! blocks as one [`BlockSpan::forward_batch`], which reads each weight once
 //! for all of them.
 
@@ -17,11 +17,13 @@ use std::sync::mpsc::{self, RecvTimeoutError};
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
+use model::gather::{Gather, Held, SessionId};
 use model::{BlockSpan, ModelError, SpanCache};
 use prometheus_client::metrics::histogram::Histogram;
 use tokio::sync::oneshot;
 
-use crate::gather::{Gather, Held, PassKey, SessionId};
+/// Which steps can share a pass: the weights (by address) and block range.
+type PassKey = (usize, usize, usize);
 
 /// A step's result, with the session's cache handed back.
 pub(crate) type StepResult = (Result<Tensor, ModelError>, SpanCache);
@@ -132,7 +134,7 @@ fn worker(rx: &mpsc::Receiver<Message>, batching: bool, batch_sizes: &Histogram)
                 take(message, &mut jobs, &mut gather);
             }
             loop {
-                let held: Vec<Held> = jobs
+                let held: Vec<Held<PassKey>> = jobs
                     .iter()
                     .filter_map(|j| {
                         j.decode_key().map(|key| Held {
@@ -179,7 +181,7 @@ fn worker(rx: &mpsc::Receiver<Message>, batching: bool, batch_sizes: &Histogram)
 }
 
 /// Holds a step, or forgets a session.
-fn take(message: Message, jobs: &mut Vec<Job>, gather: &mut Gather) {
+fn take(message: Message, jobs: &mut Vec<Job>, gather: &mut Gather<PassKey>) {
     match message {
         Message::Step(job) => {
             if let Some(key) = job.decode_key() {

@@ -22,7 +22,6 @@ pub mod testing;
 pub mod throughput;
 
 mod compute;
-mod gather;
 mod server;
 mod session;
 mod state;

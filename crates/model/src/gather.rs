@@ -1,23 +1,25 @@
-//! When the compute worker runs the steps it holds, and when it waits for more.
+//! When a batch runs, and when it waits for more callers.
 //!
-//! Concurrent sessions' decode steps reach a server spread out in time: each
-//! client hears from the previous server at a slightly different moment. A
-//! worker that runs whatever it holds the moment it wakes runs the first
+//! Concurrent sessions' single-position steps arrive spread out in time: at a
+//! server, each client hears from the previous server at a slightly different
+//! moment; at a client's LM head, each session hears from the last server so.
+//! Running whatever is held the moment the worker wakes runs the first
 //! arrival alone and the rest after it, and batches fall apart (measured on
-//! 8 clients through 3 servers: 1.5 steps a pass on average). So the worker
-//! waits for the sessions that are due, those that have been stepping at a
-//! steady pace and have not stepped since, but never longer than a lone step
-//! costs: a straggler left out would cost at least that much on its own, and
-//! would hold up the next round.
+//! 8 clients through 3 servers: 1.5 steps a server pass on average). So a
+//! batch waits for the sessions that are due, those that have been stepping
+//! at a steady pace and have not stepped since, but never longer than a lone
+//! step costs: a straggler left out would cost at least that much on its
+//! own, and would hold up the next round.
+//!
+//! Used by the server's compute worker (keyed by weights and blocks) and by
+//! [`Head`](crate::Head)'s batching (one key).
 
 use std::collections::HashMap;
+use std::hash::Hash;
 use std::time::{Duration, Instant};
 
-/// Identifies a session to the compute worker.
-pub(crate) type SessionId = u64;
-
-/// Which steps can share a pass: the weights (by address) and block range.
-pub(crate) type PassKey = (usize, usize, usize);
+/// Identifies a session (or any caller with a pace of its own).
+pub type SessionId = u64;
 
 /// The shortest and longest time a pass may wait for stragglers.
 const WAIT_FLOOR: Duration = Duration::from_micros(500);
@@ -28,31 +30,44 @@ const DUE_WITHIN_PERIODS: u32 = 2;
 
 /// How a session has been stepping.
 #[derive(Debug, Clone, Copy)]
-struct Pace {
-    key: PassKey,
+struct Pace<K> {
+    key: K,
     last: Instant,
     period: Option<Duration>,
 }
 
-/// A decode step held by the worker: whose, over what, and since when.
+/// A step held for the next batch: whose, over what (steps share a batch
+/// only with steps of the same key), and since when.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Held {
-    pub(crate) session: SessionId,
-    pub(crate) key: PassKey,
-    pub(crate) queued_at: Instant,
+pub struct Held<K> {
+    /// The session that sent it.
+    pub session: SessionId,
+    /// What it runs over.
+    pub key: K,
+    /// When it arrived.
+    pub queued_at: Instant,
 }
 
-/// The worker's memory of sessions' pace and of lone passes' cost.
-#[derive(Debug, Default)]
-pub(crate) struct Gather {
-    sessions: HashMap<SessionId, Pace>,
-    /// How long the latest lone decode step over each key took.
-    solo: HashMap<PassKey, Duration>,
+/// Memory of sessions' pace and of lone steps' cost, per key.
+#[derive(Debug)]
+pub struct Gather<K> {
+    sessions: HashMap<SessionId, Pace<K>>,
+    /// How long the latest lone step over each key took.
+    solo: HashMap<K, Duration>,
 }
 
-impl Gather {
-    /// Notes a decode step of `session` over `key`, queued at `at`.
-    pub(crate) fn arrived(&mut self, session: SessionId, key: PassKey, at: Instant) {
+impl<K> Default for Gather<K> {
+    fn default() -> Self {
+        Self {
+            sessions: HashMap::new(),
+            solo: HashMap::new(),
+        }
+    }
+}
+
+impl<K: Copy + Eq + Hash> Gather<K> {
+    /// Notes a step of `session` over `key`, queued at `at`.
+    pub fn arrived(&mut self, session: SessionId, key: K, at: Instant) {
         let pace = self.sessions.entry(session).or_insert(Pace {
             key,
             last: at,
@@ -66,22 +81,22 @@ impl Gather {
     }
 
     /// Forgets a session that ended.
-    pub(crate) fn closed(&mut self, session: SessionId) {
+    pub fn closed(&mut self, session: SessionId) {
         self.sessions.remove(&session);
     }
 
-    /// Notes that a decode step over `key` ran alone in `took`.
-    pub(crate) fn ran_alone(&mut self, key: PassKey, took: Duration) {
+    /// Notes that a step over `key` ran alone in `took`.
+    pub fn ran_alone(&mut self, key: K, took: Duration) {
         self.solo.insert(key, took);
     }
 
-    /// How long to wait for more steps, given the decode steps `held`: `None`
+    /// How long to wait for more steps, given the steps `held`: `None`
     /// to run now. A key waits while a session that steps over it is due and
     /// not held, until its first held step has waited as long as a lone step
     /// costs; with several such keys the earliest deadline wins.
-    pub(crate) fn deadline(&self, held: &[Held], now: Instant) -> Option<Instant> {
+    pub fn deadline(&self, held: &[Held<K>], now: Instant) -> Option<Instant> {
         let mut deadline: Option<Instant> = None;
-        let mut first_held: HashMap<PassKey, Instant> = HashMap::new();
+        let mut first_held: HashMap<K, Instant> = HashMap::new();
         for h in held {
             let first = first_held.entry(h.key).or_insert(h.queued_at);
             *first = (*first).min(h.queued_at);
@@ -114,11 +129,12 @@ impl Gather {
 mod tests {
     use super::*;
 
-    const KEY: PassKey = (1, 0, 10);
-    const OTHER: PassKey = (1, 10, 20);
+    type Key = (usize, usize, usize);
+    const KEY: Key = (1, 0, 10);
+    const OTHER: Key = (1, 10, 20);
     const MS: Duration = Duration::from_millis(1);
 
-    fn held(session: SessionId, key: PassKey, queued_at: Instant) -> Held {
+    fn held(session: SessionId, key: Key, queued_at: Instant) -> Held<Key> {
         Held {
             session,
             key,
@@ -128,7 +144,7 @@ mod tests {
 
     /// Sessions 1 and 2 stepping every 10 ms over `KEY`, the last time at
     /// `t0`; a lone step costs 3 ms.
-    fn steady_pair(t0: Instant) -> Gather {
+    fn steady_pair(t0: Instant) -> Gather<Key> {
         let mut g = Gather::default();
         for s in [1, 2] {
             g.arrived(s, KEY, t0);
