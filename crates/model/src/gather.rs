@@ -28,6 +28,11 @@ const WAIT_CEILING: Duration = Duration::from_millis(20);
 /// A session is due again within this many of its recent step intervals.
 const DUE_WITHIN_PERIODS: u32 = 2;
 
+/// Sessions that never say they closed (the head's calling threads) are
+/// forgotten once this many are known and they have been quiet this long.
+const FORGET_PAST: usize = 1024;
+const FORGET_AFTER: Duration = Duration::from_secs(60);
+
 /// How a session has been stepping.
 #[derive(Debug, Clone, Copy)]
 struct Pace<K> {
@@ -68,6 +73,10 @@ impl<K> Default for Gather<K> {
 impl<K: Copy + Eq + Hash> Gather<K> {
     /// Notes a step of `session` over `key`, queued at `at`.
     pub fn arrived(&mut self, session: SessionId, key: K, at: Instant) {
+        if self.sessions.len() >= FORGET_PAST {
+            self.sessions
+                .retain(|_, pace| at.saturating_duration_since(pace.last) < FORGET_AFTER);
+        }
         let pace = self.sessions.entry(session).or_insert(Pace {
             key,
             last: at,
@@ -194,6 +203,17 @@ mod tests {
         g.arrived(3, KEY, late);
         g.closed(2);
         assert_eq!(g.deadline(&[held(1, KEY, late)], late), None, "new");
+    }
+
+    #[test]
+    fn long_quiet_sessions_are_forgotten_once_many_are_known() {
+        let t0 = Instant::now();
+        let mut g = Gather::default();
+        for s in 0..FORGET_PAST as SessionId {
+            g.arrived(s, KEY, t0);
+        }
+        g.arrived(FORGET_PAST as SessionId, KEY, t0 + FORGET_AFTER);
+        assert_eq!(g.sessions.len(), 1);
     }
 
     #[test]
