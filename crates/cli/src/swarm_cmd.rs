@@ -83,8 +83,14 @@ impl SwarmCmd {
         let id = model_id(&path, None)?;
         let num_blocks = checkpoint.config().num_blocks as u32;
         let spans = split(num_blocks, self.servers);
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let threads = (cores / spans.len()).max(1);
+        // Every server may use every core: in a chain only the server with
+        // the current step computes, and idle rayon workers sleep. Dividing
+        // the cores left each of 3 servers one thread on 2 cores, and the
+        // swarm decoded at 0.6x local instead of 0.9x.
+        let threads = self
+            .model
+            .threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
         let keys = model::cache_dir().join("swarm");
         std::fs::create_dir_all(&keys).with_context(|| format!("creating {}", keys.display()))?;
 
