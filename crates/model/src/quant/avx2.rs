@@ -124,14 +124,9 @@ unsafe fn block_fma(w: &[__m256; 4], d: __m256, x: *const f32, acc: __m256) -> _
 #[inline]
 #[target_feature(enable = "avx2,fma")]
 fn scaled_dots<const N: usize, const INT8: bool>(row: Row<'_>, xs: [&[f32]; N]) -> [f32; N] {
-    let block_bytes = if INT8 { BLOCK } else { BLOCK / 2 };
-    let nb = row.scales.len();
-    assert!(row.quants.len() == nb * block_bytes);
-    for x in xs {
-        assert!(x.len() == nb * BLOCK);
-    }
+    let (nb, block_bytes) = row.checked_blocks::<INT8>(&xs);
     let block = |b: usize, acc: &mut [__m256; N]| {
-        // SAFETY: b < nb, and the asserts above bound every pointer below.
+        // SAFETY: b < nb, and the checks above bound every pointer below.
         unsafe {
             let q = row.quants.as_ptr().add(b * block_bytes);
             prefetch_ahead(q);
@@ -230,15 +225,10 @@ fn scaled_dots_q8<const N: usize, const INT8: bool>(
     row: Row<'_>,
     xs: [Q8Block<'_>; N],
 ) -> [f32; N] {
-    let block_bytes = if INT8 { BLOCK } else { BLOCK / 2 };
-    let nb = row.scales.len();
-    assert!(row.quants.len() == nb * block_bytes);
-    for x in &xs {
-        assert!(x.quants.len() == nb * BLOCK && x.scales.len() == nb);
-    }
+    let (nb, block_bytes) = row.checked_blocks_q8::<INT8>(&xs);
     let ones = _mm256_set1_epi16(1);
     let block = |b: usize, acc: &mut [__m256; N]| {
-        // SAFETY: b < nb, and the asserts above bound every pointer below.
+        // SAFETY: b < nb, and the checks above bound every pointer below.
         unsafe {
             let q = row.quants.as_ptr().add(b * block_bytes);
             prefetch_ahead(q);

@@ -130,12 +130,7 @@ fn scaled_dots_q8<const N: usize, const INT8: bool>(
     row: Row<'_>,
     xs: [Q8Block<'_>; N],
 ) -> [f32; N] {
-    let block_bytes = if INT8 { BLOCK } else { BLOCK / 2 };
-    let nb = row.scales.len();
-    assert!(row.quants.len() == nb * block_bytes);
-    for x in &xs {
-        assert!(x.quants.len() == nb * BLOCK && x.scales.len() == nb);
-    }
+    let (nb, _) = row.checked_blocks_q8::<INT8>(&xs);
     // Pairs alternate between two sets of accumulators; a row with an odd
     // number of blocks ends with its last alone in the low half.
     let (even, odd) = accumulate(nb / 2, _mm512_setzero_ps(), |p, acc| {

@@ -482,6 +482,42 @@ struct Row<'a> {
     quants: &'a [u8],
 }
 
+impl Row<'_> {
+    /// The row's block count and bytes a block (`INT8`: a byte a weight,
+    /// else two weights a byte), after checking that its integer parts hold
+    /// exactly that many blocks: the bound the SIMD kernels' unchecked loads
+    /// of weights rely on.
+    #[inline]
+    fn checked_weights<const INT8: bool>(&self) -> (usize, usize) {
+        let block_bytes = if INT8 { BLOCK } else { BLOCK / 2 };
+        let nb = self.scales.len();
+        assert!(self.quants.len() == nb * block_bytes);
+        (nb, block_bytes)
+    }
+
+    /// [`checked_weights`](Self::checked_weights), and every token of `xs`
+    /// checked to hold as many blocks of f32 activations.
+    #[inline]
+    fn checked_blocks<const INT8: bool>(&self, xs: &[&[f32]]) -> (usize, usize) {
+        let (nb, block_bytes) = self.checked_weights::<INT8>();
+        for x in xs {
+            assert!(x.len() == nb * BLOCK);
+        }
+        (nb, block_bytes)
+    }
+
+    /// [`checked_weights`](Self::checked_weights), and every token of `xs`
+    /// checked to hold as many blocks of 8-bit activations.
+    #[inline]
+    fn checked_blocks_q8<const INT8: bool>(&self, xs: &[Q8Block<'_>]) -> (usize, usize) {
+        let (nb, block_bytes) = self.checked_weights::<INT8>();
+        for x in xs {
+            assert!(x.quants.len() == nb * BLOCK && x.scales.len() == nb);
+        }
+        (nb, block_bytes)
+    }
+}
+
 /// Activations for one matmul, with per-block sums for the Nibbles offset term.
 struct Activations<'a> {
     x: &'a [f32],

@@ -183,14 +183,9 @@ fn sum_sets<const N: usize>((even, odd): ([float32x4_t; N], [float32x4_t; N])) -
 #[inline]
 #[target_feature(enable = "neon")]
 fn scaled_dots<const N: usize, const INT8: bool>(row: Row<'_>, xs: [&[f32]; N]) -> [f32; N] {
-    let block_bytes = if INT8 { BLOCK } else { BLOCK / 2 };
-    let nb = row.scales.len();
-    assert!(row.quants.len() == nb * block_bytes);
-    for x in xs {
-        assert!(x.len() == nb * BLOCK);
-    }
+    let (nb, block_bytes) = row.checked_blocks::<INT8>(&xs);
     let block = |b: usize, acc: &mut [float32x4_t; N]| {
-        // SAFETY: b < nb, and the asserts above bound every pointer below.
+        // SAFETY: b < nb, and the checks above bound every pointer below.
         unsafe {
             let q = row.quants.as_ptr().add(b * block_bytes);
             let w = if INT8 {
@@ -286,14 +281,9 @@ unsafe fn scaled_dots_q8<const N: usize, const INT8: bool>(
     xs: [Q8Block<'_>; N],
     int_dot: impl Fn(int8x16_t, int8x16_t, int8x16_t, int8x16_t) -> int32x4_t,
 ) -> [f32; N] {
-    let block_bytes = if INT8 { BLOCK } else { BLOCK / 2 };
-    let nb = row.scales.len();
-    assert!(row.quants.len() == nb * block_bytes);
-    for x in &xs {
-        assert!(x.quants.len() == nb * BLOCK && x.scales.len() == nb);
-    }
+    let (nb, block_bytes) = row.checked_blocks_q8::<INT8>(&xs);
     let block = |b: usize, acc: &mut [float32x4_t; N]| {
-        // SAFETY: b < nb, and the asserts above bound every pointer below;
+        // SAFETY: b < nb, and the checks above bound every pointer below;
         // the caller guarantees NEON.
         unsafe {
             let q = row.quants.as_ptr().add(b * block_bytes);
