@@ -369,10 +369,10 @@ impl QuantMatrix {
                 for width in [8, 4, 2, 1] {
                     while width <= widest && t + width <= tokens {
                         match width {
-                            8 => self.tile_rows::<8>(tiles, rows.clone(), t, out),
-                            4 => self.tile_rows::<4>(tiles, rows.clone(), t, out),
-                            2 => self.tile_rows::<2>(tiles, rows.clone(), t, out),
-                            _ => self.tile_rows::<1>(tiles, rows.clone(), t, out),
+                            8 => tiles.tile_rows::<8>(self, rows.clone(), t, out),
+                            4 => tiles.tile_rows::<4>(self, rows.clone(), t, out),
+                            2 => tiles.tile_rows::<2>(self, rows.clone(), t, out),
+                            _ => tiles.tile_rows::<1>(self, rows.clone(), t, out),
                         }
                         t += width;
                     }
@@ -392,17 +392,18 @@ impl QuantMatrix {
         out
     }
 
-    /// `rows`' dot products with tokens `t..t + N`, into a task's token-major `out`.
-    fn tile_rows<const N: usize>(
+    /// `rows`' dot products with one tile of tokens (`t..t + N`), into a
+    /// task's token-major `out`.
+    fn each_row<const N: usize>(
         &self,
-        tiles: &impl Tiles,
         rows: Range<usize>,
         t: usize,
         out: &mut [f32],
+        mut dots: impl FnMut(Row<'_>) -> [f32; N],
     ) {
         let n = rows.len();
         for (i, r) in rows.enumerate() {
-            for (k, v) in tiles.dots::<N>(self.row(r), t).into_iter().enumerate() {
+            for (k, v) in dots(self.row(r)).into_iter().enumerate() {
                 out[(t + k) * n + i] = v;
             }
         }
@@ -411,16 +412,30 @@ impl QuantMatrix {
 
 /// One matmul's activations and kernel, for any tile width.
 trait Tiles: Sync {
-    /// `row`'s dot products with tokens `t..t + N`.
-    fn dots<const N: usize>(&self, row: Row<'_>, t: usize) -> [f32; N];
+    /// `rows`' dot products with tokens `t..t + N`, into a task's
+    /// token-major `out`.
+    fn tile_rows<const N: usize>(
+        &self,
+        m: &QuantMatrix,
+        rows: Range<usize>,
+        t: usize,
+        out: &mut [f32],
+    );
 }
 
 /// f32 activations.
 struct F32Tiles<'a>(QuantLayout, Kernel, Activations<'a>);
 
 impl Tiles for F32Tiles<'_> {
-    fn dots<const N: usize>(&self, row: Row<'_>, t: usize) -> [f32; N] {
-        dot_tile::<N>(self.0, self.1, row, self.2.tile(t))
+    fn tile_rows<const N: usize>(
+        &self,
+        m: &QuantMatrix,
+        rows: Range<usize>,
+        t: usize,
+        out: &mut [f32],
+    ) {
+        let tile = self.2.tile::<N>(t);
+        m.each_row(rows, t, out, |row| dot_tile(self.0, self.1, row, tile));
     }
 }
 
@@ -428,8 +443,15 @@ impl Tiles for F32Tiles<'_> {
 struct Q8Tiles(QuantLayout, Kernel, Q8Activations);
 
 impl Tiles for Q8Tiles {
-    fn dots<const N: usize>(&self, row: Row<'_>, t: usize) -> [f32; N] {
-        dot_tile_q8::<N>(self.0, self.1, row, self.2.tile(t))
+    fn tile_rows<const N: usize>(
+        &self,
+        m: &QuantMatrix,
+        rows: Range<usize>,
+        t: usize,
+        out: &mut [f32],
+    ) {
+        let tile = self.2.tile::<N>(t);
+        m.each_row(rows, t, out, |row| dot_tile_q8(self.0, self.1, row, tile));
     }
 }
 
