@@ -76,6 +76,7 @@ async fn concurrent_steps(
             let step = Request::Step(Step {
                 position: position as u32,
                 hidden: hidden.clone(),
+                next: Vec::new(),
             });
             if let Response::Error(e) = s.call(&step).await? {
                 bail!("step failed: {e}");
@@ -166,6 +167,7 @@ impl HopBench {
                     let step = Request::Step(Step {
                         position: position as u32,
                         hidden: hidden.clone(),
+                        next: Vec::new(),
                     });
                     let t = Instant::now();
                     let response = s.call(&step).await?;

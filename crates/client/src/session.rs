@@ -6,13 +6,21 @@
 //! the replacement step by step, exactly as they were first sent, so the
 //! rebuilt KV cache is bit-for-bit the lost one and greedy output is the same
 //! with a failure as without.
+//!
+//! A step names the sessions after each server, so each pushes its outputs
+//! straight to the next (see `wire::message`). The client still reads every
+//! server's answer, to keep the inputs for replay, and sends the inputs on
+//! itself where a push did not get through.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use candle_core::{Device, Tensor};
 use p2p::InferenceStream;
-use wire::{Compression, FrameLimits, OpenSession, Request, Response, Span, Step, WireTensor};
+use wire::{
+    Compression, FrameLimits, NextHop, OpenSession, Request, Response, Span, Step, StepOutput,
+    WireTensor,
+};
 
 use crate::ban::BanList;
 use crate::error::ClientError;
@@ -34,8 +42,12 @@ pub struct SessionConfig {
     /// How long one server may take to answer one request (opening a
     /// session or a step) before it counts as failed and is replaced: a
     /// server that stalls without closing its stream must not stall the
-    /// session.
+    /// session. Keep it well above a second: a server's answer may first
+    /// wait up to a second on its push to the next server.
     pub request_timeout: Duration,
+    /// Whether servers push each step's outputs to the next server, saving
+    /// a round trip through the client per server.
+    pub push: bool,
 }
 
 impl Default for SessionConfig {
@@ -48,6 +60,7 @@ impl Default for SessionConfig {
             // As Petals' default: long enough for a long prompt's prefill
             // on a slow CPU server.
             request_timeout: Duration::from_secs(180),
+            push: true,
         }
     }
 }
@@ -56,33 +69,77 @@ impl Default for SessionConfig {
 struct Leg {
     hop: Hop,
     stream: InferenceStream,
+    /// The server's id for this session, for the previous server's pushes.
+    session: u64,
     /// Every input sent to this leg, one tensor per step, for replay.
     inputs: Vec<Tensor>,
 }
 
 impl Leg {
+    /// Sends the step at `position` and reads its outputs, and whether the
+    /// server pushed them to `next`.
     async fn step(
         &mut self,
         position: u32,
         x: &Tensor,
+        next: Vec<NextHop>,
         config: &SessionConfig,
-    ) -> Result<Tensor, ClientError> {
-        let peer = self.hop.peer;
+    ) -> Result<(Tensor, bool), ClientError> {
         let request = Request::Step(Step {
             position,
             hidden: encode(x, config.compression)?,
+            next,
         });
-        let response = within(peer, config.request_timeout, self.stream.call(&request))
-            .await?
-            .map_err(p2p::P2pError::from)?;
-        let out = expect_tensor(peer, response)?;
-        if out.dims() != x.dims() {
-            return Err(ClientError::Protocol {
-                peer,
-                reason: format!("sent {:?}, got back {:?}", x.dims(), out.dims()),
-            });
+        within(
+            self.hop.peer,
+            config.request_timeout,
+            self.stream.send(&request),
+        )
+        .await?
+        .map_err(p2p::P2pError::from)?;
+        self.output(position, x.dims(), config).await
+    }
+
+    /// Reads the outputs of the step at `position`, sent or pushed, shaped
+    /// like its inputs `dims`. Answers to earlier steps are stale (a step
+    /// both pushed and replayed is answered twice) and skipped.
+    async fn output(
+        &mut self,
+        position: u32,
+        dims: &[usize],
+        config: &SessionConfig,
+    ) -> Result<(Tensor, bool), ClientError> {
+        let peer = self.hop.peer;
+        loop {
+            let response = within(peer, config.request_timeout, self.stream.recv())
+                .await?
+                .map_err(p2p::P2pError::from)?;
+            let StepOutput {
+                position: answered,
+                forwarded,
+                hidden,
+            } = match response {
+                Response::Step(output) => output,
+                other => return Err(unexpected(peer, other)),
+            };
+            if answered < position {
+                continue;
+            }
+            if answered > position {
+                return Err(ClientError::Protocol {
+                    peer,
+                    reason: format!("asked for position {position}, got {answered}"),
+                });
+            }
+            let out = decode(&hidden)?;
+            if out.dims() != dims {
+                return Err(ClientError::Protocol {
+                    peer,
+                    reason: format!("sent {dims:?}, got back {:?}", out.dims()),
+                });
+            }
+            return Ok((out, forwarded));
         }
-        Ok(out)
     }
 }
 
@@ -189,20 +246,47 @@ impl InferenceSession {
         }
         let mut x = hidden.clone();
         let mut i = 0;
+        // Whether leg `i` already has `x`, pushed by the leg before it.
+        let mut pushed = false;
         while i < self.legs.len() {
+            let next = self.next_hops(i + 1);
             let leg = &mut self.legs[i];
-            match leg.step(self.position, &x, &self.config).await {
-                Ok(out) => {
+            let result = if pushed {
+                leg.output(self.position, x.dims(), &self.config).await
+            } else {
+                leg.step(self.position, &x, next, &self.config).await
+            };
+            match result {
+                Ok((out, forwarded)) => {
                     leg.inputs.push(x);
                     x = out;
+                    pushed = forwarded;
                     i += 1;
                 }
-                Err(e) if e.is_server_fault() => self.replace(i, e).await?,
+                Err(e) if e.is_server_fault() => {
+                    self.replace(i, e).await?;
+                    pushed = false;
+                }
                 Err(e) => return Err(e),
             }
         }
         self.position += t;
         Ok(x)
+    }
+
+    /// The sessions from leg `from` on, for a step's pushes; none when
+    /// pushing is off.
+    fn next_hops(&self, from: usize) -> Vec<NextHop> {
+        if !self.config.push {
+            return Vec::new();
+        }
+        self.legs[from.min(self.legs.len())..]
+            .iter()
+            .map(|l| NextHop {
+                peer: l.hop.peer.to_bytes(),
+                session: l.session,
+            })
+            .collect()
     }
 
     /// Ends every server's session at once, freeing their caches.
@@ -268,8 +352,8 @@ impl InferenceSession {
             let mut position = 0;
             let mut outs = Vec::with_capacity(xs.len());
             for x in &xs {
-                let out = leg
-                    .step(position, x, &self.config)
+                let (out, _) = leg
+                    .step(position, x, Vec::new(), &self.config)
                     .await
                     .map_err(|e| (leg.hop.peer, e))?;
                 position += x.dim(1).map_err(|e| (leg.hop.peer, e.into()))? as u32;
@@ -340,7 +424,7 @@ impl InferenceSession {
             .open_inference_with(hop.peer, self.config.limits, &open);
         let (stream, response) = within(hop.peer, self.config.request_timeout, opening).await??;
         match response {
-            Response::Opened { .. } => {
+            Response::Opened { session, .. } => {
                 self.bans
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
@@ -348,6 +432,7 @@ impl InferenceSession {
                 Ok(Leg {
                     hop,
                     stream,
+                    session,
                     inputs: Vec::new(),
                 })
             }
@@ -372,14 +457,8 @@ fn encode(x: &Tensor, compression: Compression) -> Result<WireTensor, ClientErro
     Ok(WireTensor::encode(&values, x.dims(), compression)?)
 }
 
-fn expect_tensor(peer: p2p::PeerId, response: Response) -> Result<Tensor, ClientError> {
-    match response {
-        Response::Step(t) | Response::Forward(t) | Response::Backward(t) => {
-            let values = t.to_f32()?;
-            Ok(Tensor::from_vec(values, t.dims(), &Device::Cpu)?)
-        }
-        other => Err(unexpected(peer, other)),
-    }
+fn decode(t: &WireTensor) -> Result<Tensor, ClientError> {
+    Ok(Tensor::from_vec(t.to_f32()?, t.dims(), &Device::Cpu)?)
 }
 
 fn unexpected(peer: p2p::PeerId, response: Response) -> ClientError {
@@ -400,6 +479,7 @@ fn response_name(r: &Response) -> &'static str {
     match r {
         Response::Opened { .. } => "Opened",
         Response::Step(_) => "Step",
+        Response::Pushed => "Pushed",
         Response::Forward(_) => "Forward",
         Response::Backward(_) => "Backward",
         Response::Info(_) => "Info",

@@ -221,7 +221,10 @@ async fn stalled_server(boot: &NodeHandle, span: wire::Span) -> NodeHandle {
                 let limits = FrameLimits::default();
                 while let Ok(Some(request)) = read_frame(&mut stream, &limits).await {
                     if matches!(request, Request::Open(_)) {
-                        let opened = Response::Opened { max_length: 2048 };
+                        let opened = Response::Opened {
+                            max_length: 2048,
+                            session: 1,
+                        };
                         let _ = write_frame(&mut stream, &opened).await;
                     }
                 }
@@ -238,8 +241,10 @@ async fn a_server_that_stops_answering_is_replaced_after_the_request_timeout() {
     let s = swarm(&[(0, 3)]).await;
     let stalled = stalled_server(&s.boot, wire::Span::new(3, BLOCKS).unwrap()).await;
     online(&s.view, 2).await;
+    // Above the servers' one-second bound on a push: the server before the
+    // stalled one waits that long on its push first.
     let session_config = SessionConfig {
-        request_timeout: Duration::from_millis(500),
+        request_timeout: Duration::from_secs(2),
         ..config_of(32)
     };
     let mut session = InferenceSession::open(s.view.clone(), bans(), session_config)

@@ -221,7 +221,10 @@ async fn a_burst_of_streams_is_served() {
             tokio::spawn(async move {
                 let limits = FrameLimits::default();
                 while let Ok(Some(Request::Info)) = read_frame(&mut stream, &limits).await {
-                    let reply = Response::Opened { max_length: 7 };
+                    let reply = Response::Opened {
+                        max_length: 7,
+                        session: 1,
+                    };
                     if write_frame(&mut stream, &reply).await.is_err() {
                         break;
                     }
@@ -239,7 +242,7 @@ async fn a_burst_of_streams_is_served() {
         });
         for result in futures::future::join_all(calls).await {
             let (_, response) = result.unwrap();
-            assert!(matches!(response, Response::Opened { max_length: 7 }));
+            assert!(matches!(response, Response::Opened { max_length: 7, .. }));
         }
         client.shutdown().await;
     }

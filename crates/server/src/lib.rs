@@ -3,7 +3,8 @@
 //!
 //! [`Server::start`] measures the machine's [throughput], picks its blocks
 //! ([`placement`]), announces itself in the DHT, and answers inference
-//! streams, one state machine per stream ([`session`]), within the [`Limits`]
+//! streams, one state machine per stream ([`session`]), pushing each step's
+//! outputs to the next server of the client's chain ([`push`]), within the [`Limits`]
 //! and the KV-cache [`budget`], admitting only the peers its [`gate`] lets
 //! in. With an automatic span it keeps checking whether the swarm needs its
 //! blocks elsewhere.
@@ -22,6 +23,7 @@ pub mod testing;
 pub mod throughput;
 
 mod compute;
+mod push;
 mod server;
 mod session;
 mod state;

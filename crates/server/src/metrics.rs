@@ -47,6 +47,11 @@ struct KindLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CodeLabels {
     code: String,
 }
@@ -63,6 +68,7 @@ pub(crate) struct ServerMetrics {
     /// Steps per compute pass; the compute worker observes it.
     pub(crate) batch_sizes: Histogram,
     errors: Family<CodeLabels, Counter>,
+    pushes: Family<OutcomeLabels, Counter>,
     cache_tokens_left: Gauge,
     cache_tokens_total: Gauge,
     span_start: Gauge,
@@ -85,6 +91,7 @@ impl ServerMetrics {
             // 1 to 128 steps a pass.
             batch_sizes: Histogram::new(exponential_buckets(1.0, 2.0, 8)),
             errors: Family::default(),
+            pushes: Family::default(),
             cache_tokens_left: Gauge::default(),
             cache_tokens_total: Gauge::default(),
             span_start: Gauge::default(),
@@ -125,6 +132,12 @@ impl ServerMetrics {
             "errors",
             "Error frames sent, by wire error code",
             m.errors.clone(),
+        );
+        r.register(
+            "pushes",
+            "Step outputs pushed to the next server of a chain (sent, failed) \
+             or pushed here by the previous one (received)",
+            m.pushes.clone(),
         );
         r.register(
             "cache_tokens_left",
@@ -172,6 +185,11 @@ impl ServerMetrics {
         self.requests.get_or_create(&KindLabels { kind }).inc();
         self.tokens.inc_by(positions as u64);
         self.step_duration.observe(start.elapsed().as_secs_f64());
+    }
+
+    /// Counts a push: `sent`, `failed` or `received`.
+    pub(crate) fn push(&self, outcome: &'static str) {
+        self.pushes.get_or_create(&OutcomeLabels { outcome }).inc();
     }
 
     /// Counts an error frame.

@@ -144,13 +144,11 @@ impl Server {
         let weights = load_span(&ckpt, &config.load, span).await?;
         info.state = ServerState::Online;
         let shared = Arc::new(Shared::new(
-            config.model_id.clone(),
-            config.limits.clone(),
+            &config,
             weights,
             info,
-            config.batching,
             corrupt(&config),
-            config.gate.clone(),
+            node.clone(),
         ));
         let mut incoming = node.accept_inference()?;
         let (stop, stopped) = watch::channel(false);

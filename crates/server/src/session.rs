@@ -1,9 +1,10 @@
 //! One inference stream's state machine, on the server's side.
 //!
 //! A stream starts with one request. `Open` turns it into a session: the
-//! server reserves KV memory, then answers each `Step` in order until `Close`,
-//! the end of the stream, or the idle timeout. `Forward`, `Backward` and
-//! `Info` get one response. Every failure becomes an error frame; a malformed
+//! server reserves KV memory, then answers each step in order, whether its
+//! client sent it or the previous server pushed it, until `Close`, the end
+//! of the stream, or the idle timeout. `Push` makes it a push stream
+//! ([`crate::push`]). `Forward`, `Backward` and `Info` get one response. Every failure becomes an error frame; a malformed
 //! frame that leaves the stream in sync keeps the session alive, and nothing a
 //! peer sends can reach another session.
 
@@ -12,23 +13,24 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
-use futures::AsyncWriteExt;
+use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, StreamExt};
 use libp2p::{PeerId, Stream};
 use model::{BlockSpan, ModelError, SpanCache};
 use p2p::inference::protocol::{FrameError, read_frame, write_frame};
 use wire::{
     BackwardRequest, Compression, ErrorCode, ForwardRequest, FrameLimits, OpenSession, Request,
-    Response, Span, Step, WireError, WireTensor,
+    Response, Span, Step, StepOutput, WireError, WireTensor,
 };
 
 use crate::compute::SessionCompute;
+use crate::push::{Forwarder, serve_pushes};
 use crate::state::Shared;
 
 /// The largest first request read from a peer the gate refuses.
 const REFUSED_FRAME_BYTES: usize = 64 * 1024;
 
-/// What the next read gave.
-enum Next {
+/// What the next read gave, once bad frames are answered.
+pub(crate) enum Next {
     Request(Request),
     /// A bad frame, already answered; the stream is still in sync.
     Skipped,
@@ -95,6 +97,12 @@ pub(crate) async fn serve_stream(shared: Arc<Shared>, peer: PeerId, mut stream: 
             let _ = stream.close().await;
             return;
         }
+        Request::Push(push) => {
+            serve_pushes(&shared, &mut stream, push).await;
+            drop(admission);
+            let _ = stream.close().await;
+            return;
+        }
         Request::Forward(f) => forward(&shared, f).await,
         Request::Backward(b) => backward(&shared, b).await,
         Request::Info => Response::Info(Box::new(shared.info())),
@@ -107,37 +115,78 @@ pub(crate) async fn serve_stream(shared: Arc<Shared>, peer: PeerId, mut stream: 
     let _ = stream.close().await;
 }
 
-async fn reply(shared: &Shared, stream: &mut Stream, response: Response) -> Result<(), FrameError> {
+pub(crate) async fn reply<S: AsyncWrite + Unpin>(
+    shared: &Shared,
+    stream: &mut S,
+    response: Response,
+) -> Result<(), FrameError> {
     if let Response::Error(e) = &response {
         shared.metrics.error(e.code);
     }
     write_frame(stream, &response).await
 }
 
-async fn next(shared: &Shared, stream: &mut Stream) -> Next {
+/// One frame read, before any answer.
+enum Read {
+    Request(Request),
+    /// A bad frame, with the answer it gets and whether the stream ends.
+    Bad {
+        answer: Response,
+        end: bool,
+    },
+    /// The stream is over.
+    End,
+}
+
+/// Reads the next request, within the idle timeout, and answers a bad frame.
+pub(crate) async fn next(shared: &Shared, stream: &mut Stream) -> Next {
+    let read = tokio::time::timeout(shared.limits.idle_timeout, read(shared, stream))
+        .await
+        .unwrap_or_else(|_| idle(shared));
+    match read {
+        Read::Request(request) => Next::Request(request),
+        Read::End => Next::End,
+        Read::Bad { answer, end } => {
+            let _ = reply(shared, stream, answer).await;
+            if end { Next::End } else { Next::Skipped }
+        }
+    }
+}
+
+async fn read<R: AsyncRead + Unpin>(shared: &Shared, stream: &mut R) -> Read {
     let limits = FrameLimits {
         max_frame_bytes: shared.limits.max_frame_bytes,
     };
-    let read = tokio::time::timeout(shared.limits.idle_timeout, read_frame(stream, &limits)).await;
-    let (code, message, end) = match read {
-        Ok(Ok(Some(request))) => return Next::Request(request),
-        Ok(Ok(None)) => return Next::End,
-        Err(_) => (
-            ErrorCode::IdleTimeout,
-            format!("no request for {:?}", shared.limits.idle_timeout),
-            true,
-        ),
-        Ok(Err(FrameError::Wire(e @ WireError::FrameTooLarge { .. }))) => {
+    let (code, message, end) = match read_frame(stream, &limits).await {
+        Ok(Some(request)) => return Read::Request(request),
+        Ok(None) => return Read::End,
+        Err(FrameError::Wire(e @ WireError::FrameTooLarge { .. })) => {
             (ErrorCode::PayloadTooLarge, e.to_string(), true)
         }
-        Ok(Err(e)) if e.is_recoverable() => (ErrorCode::BadRequest, e.to_string(), false),
-        Ok(Err(e)) => {
+        Err(e) if e.is_recoverable() => (ErrorCode::BadRequest, e.to_string(), false),
+        Err(e) => {
             tracing::debug!("stream ended: {e}");
-            return Next::End;
+            return Read::End;
         }
     };
-    let _ = reply(shared, stream, Response::error(code, message)).await;
-    if end { Next::End } else { Next::Skipped }
+    Read::Bad {
+        answer: Response::error(code, message),
+        end,
+    }
+}
+
+fn idle(shared: &Shared) -> Read {
+    Read::Bad {
+        answer: idle_answer(shared),
+        end: true,
+    }
+}
+
+fn idle_answer(shared: &Shared) -> Response {
+    Response::error(
+        ErrorCode::IdleTimeout,
+        format!("no request for {:?}", shared.limits.idle_timeout),
+    )
 }
 
 /// Checks that `model` and `span` are served here; returns the weights to use.
@@ -204,6 +253,13 @@ fn encode(shared: &Shared, t: &Tensor, compression: Compression) -> Result<WireT
     WireTensor::encode(&values, t.dims(), compression).map_err(|e| internal(&e))
 }
 
+/// Where a session's next step came from.
+enum Event {
+    Read(Read),
+    Pushed(Step),
+    Idle,
+}
+
 async fn run_session(shared: &Arc<Shared>, peer: PeerId, stream: &mut Stream, open: OpenSession) {
     let opened = open_session(shared, &open);
     let (weights, _reservation) = match opened {
@@ -213,38 +269,73 @@ async fn run_session(shared: &Arc<Shared>, peer: PeerId, stream: &mut Stream, op
             return;
         }
     };
-    if reply(
-        shared,
-        stream,
-        Response::Opened {
-            max_length: open.max_length,
-        },
-    )
-    .await
-    .is_err()
-    {
+    let (registration, mut pushed) = shared.pushes.register();
+    let opened = Response::Opened {
+        max_length: open.max_length,
+        session: registration.id,
+    };
+    if reply(shared, stream, opened).await.is_err() {
         return;
     }
     tracing::debug!(%peer, span = %open.span, max_length = open.max_length, "session opened");
     let _open = shared.metrics.session();
     let mut cache = SpanCache::new(open.span.len() as usize, open.max_length as usize);
     let compute = shared.compute.session();
+    let mut forwarder = Forwarder::default();
+    // Steps come from the client's stream and from pushes, so reads must
+    // survive a push winning the race: the half-read frame stays in the
+    // stream below.
+    let (reader, mut writer) = (&mut *stream).split();
+    let reads = futures::stream::unfold(reader, |mut reader| async move {
+        let frame = read(shared, &mut reader).await;
+        Some((frame, reader))
+    });
+    let mut reads = std::pin::pin!(reads);
+    let idle_timeout = shared.limits.idle_timeout;
+    let mut idle_at = std::pin::pin!(tokio::time::sleep(idle_timeout));
     loop {
-        let response = match next(shared, stream).await {
-            Next::End => break,
-            Next::Skipped => continue,
-            Next::Request(Request::Close) => break,
-            Next::Request(Request::Step(step)) => {
-                match session_step(shared, &compute, &weights, &open, &mut cache, step).await {
-                    Ok(r) | Err(r) => r,
-                }
-            }
-            Next::Request(_) => Response::error(
-                ErrorCode::BadRequest,
-                "a session stream carries only steps and close",
-            ),
+        let event = tokio::select! {
+            frame = reads.next() => Event::Read(frame.unwrap_or(Read::End)),
+            Some(step) = pushed.recv() => Event::Pushed(step),
+            () = &mut idle_at => Event::Idle,
         };
-        if reply(shared, stream, response).await.is_err() {
+        idle_at
+            .as_mut()
+            .reset(tokio::time::Instant::now() + idle_timeout);
+        let step = match event {
+            Event::Read(Read::Request(Request::Step(step))) | Event::Pushed(step) => step,
+            Event::Read(Read::End | Read::Request(Request::Close)) => break,
+            Event::Read(Read::Request(_)) => {
+                let refusal = Response::error(
+                    ErrorCode::BadRequest,
+                    "a session stream carries only steps and close",
+                );
+                if reply(shared, &mut writer, refusal).await.is_err() {
+                    break;
+                }
+                continue;
+            }
+            Event::Read(Read::Bad { answer, end }) => {
+                if reply(shared, &mut writer, answer).await.is_err() || end {
+                    break;
+                }
+                continue;
+            }
+            Event::Idle => {
+                let _ = reply(shared, &mut writer, idle_answer(shared)).await;
+                break;
+            }
+        };
+        let session = SessionParts {
+            compute: &compute,
+            weights: &weights,
+            open: &open,
+            forwarder: &mut forwarder,
+        };
+        let response = match session_step(shared, session, &mut cache, step).await {
+            Ok(r) | Err(r) => r,
+        };
+        if reply(shared, &mut writer, response).await.is_err() {
             break;
         }
     }
@@ -285,11 +376,22 @@ fn open_session(
     Ok((weights, reservation))
 }
 
+/// What a session's steps run with.
+struct SessionParts<'a> {
+    compute: &'a SessionCompute,
+    weights: &'a Arc<BlockSpan>,
+    open: &'a OpenSession,
+    forwarder: &'a mut Forwarder,
+}
+
 async fn session_step(
     shared: &Shared,
-    compute: &SessionCompute,
-    weights: &Arc<BlockSpan>,
-    open: &OpenSession,
+    SessionParts {
+        compute,
+        weights,
+        open,
+        forwarder,
+    }: SessionParts<'_>,
     cache: &mut SpanCache,
     step: Step,
 ) -> Result<Response, Response> {
@@ -331,7 +433,17 @@ async fn session_step(
     *cache = owned;
     let out = result.map_err(model_error)?;
     shared.metrics.computed("step", b * t, start);
-    Ok(Response::Step(encode(shared, &out, open.compression)?))
+    let hidden = encode(shared, &out, open.compression)?;
+    // The next server's compute waits on this push; the client's answer
+    // does not, so it goes second.
+    let forwarded = forwarder
+        .forward(shared, &step.next, step.position, &hidden)
+        .await;
+    Ok(Response::Step(StepOutput {
+        position: step.position,
+        forwarded,
+        hidden,
+    }))
 }
 
 async fn forward(shared: &Shared, req: ForwardRequest) -> Response {

@@ -6,13 +6,15 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use libp2p::PeerId;
 use model::BlockSpan;
+use p2p::NodeHandle;
 use wire::ServerInfo;
 
 use crate::budget::CacheBudget;
 use crate::compute::Compute;
-use crate::config::Limits;
+use crate::config::{Limits, ServerConfig};
 use crate::gate::PeerGate;
 use crate::metrics::ServerMetrics;
+use crate::push::Pushes;
 
 pub(crate) struct Shared {
     pub(crate) model_id: String,
@@ -25,6 +27,10 @@ pub(crate) struct Shared {
     pub(crate) corrupt: bool,
     /// Who may open streams.
     pub(crate) gate: Option<Arc<dyn PeerGate>>,
+    /// Sessions other servers may push steps into.
+    pub(crate) pushes: Arc<Pushes>,
+    /// This server's node, for pushing to the next server.
+    pub(crate) node: NodeHandle,
     /// Whether to announce in the DHT (false while not registered on chain).
     pub(crate) listed: AtomicBool,
     /// The hosted blocks; replaced when the server moves. Sessions keep the
@@ -42,23 +48,24 @@ pub(crate) struct Admission {
 
 impl Shared {
     pub(crate) fn new(
-        model_id: String,
-        limits: Limits,
+        config: &ServerConfig,
         span: Arc<BlockSpan>,
         info: ServerInfo,
-        batching: bool,
         corrupt: bool,
-        gate: Option<Arc<dyn PeerGate>>,
+        node: NodeHandle,
     ) -> Self {
+        let limits = config.limits.clone();
         let metrics = ServerMetrics::new(limits.cache_tokens);
         Self {
-            model_id,
+            model_id: config.model_id.clone(),
             hidden: span.config().hidden_size,
             budget: CacheBudget::new(limits.cache_tokens),
-            compute: Compute::start(batching, metrics.batch_sizes.clone()),
+            compute: Compute::start(config.batching, metrics.batch_sizes.clone()),
             metrics,
             corrupt,
-            gate,
+            gate: config.gate.clone(),
+            pushes: Arc::default(),
+            node,
             listed: AtomicBool::new(true),
             limits,
             span: RwLock::new(span),

@@ -13,8 +13,8 @@ use model::{Checkpoint, LoadOptions, SpanCache};
 use p2p::{InferenceStream, NodeHandle};
 use server::{Server, SpanChoice};
 use wire::{
-    BackwardRequest, Compression, ErrorCode, ForwardRequest, FrameLimits, OpenSession, Request,
-    Response, Span, Step, WireTensor,
+    BackwardRequest, Compression, ErrorCode, ForwardRequest, FrameLimits, NextHop, OpenSession,
+    Push, Request, Response, Span, Step, StepOutput, WireTensor,
 };
 
 const BLOCKS: usize = 4;
@@ -43,6 +43,7 @@ fn step(position: u32, x: &Tensor) -> Request {
     Request::Step(Step {
         position,
         hidden: wire_tensor(x),
+        next: Vec::new(),
     })
 }
 
@@ -55,7 +56,9 @@ fn error_code(r: Response) -> ErrorCode {
 
 fn output(r: Response) -> Tensor {
     match r {
-        Response::Step(t) | Response::Forward(t) | Response::Backward(t) => tensor(&t),
+        Response::Step(StepOutput { hidden: t, .. })
+        | Response::Forward(t)
+        | Response::Backward(t) => tensor(&t),
         other => panic!("expected a tensor, got {other:?}"),
     }
 }
@@ -107,6 +110,128 @@ impl Fixture {
     }
 }
 
+/// The step's output, whether it was pushed on, and the position it answers.
+fn step_output(r: Response) -> (Tensor, bool, u32) {
+    match r {
+        Response::Step(StepOutput {
+            position,
+            forwarded,
+            hidden,
+        }) => (tensor(&hidden), forwarded, position),
+        other => panic!("expected a step's output, got {other:?}"),
+    }
+}
+
+fn pushing_step(position: u32, x: &Tensor, to: &NodeHandle, session: u64) -> Request {
+    Request::Step(Step {
+        position,
+        hidden: wire_tensor(x),
+        next: vec![NextHop {
+            peer: to.peer_id().to_bytes(),
+            session,
+        }],
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_is_pushed_to_the_next_server_and_answered_there() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = tiny_model(dir.path(), BLOCKS);
+    let boot = node(None).await;
+    let (first_node, second_node) = (node(Some(&boot)).await, node(Some(&boot)).await);
+    let half = BLOCKS as u32 / 2;
+    let first = Server::start(
+        config(&path, SpanChoice::Fixed(0, half)),
+        first_node.clone(),
+    )
+    .await
+    .unwrap();
+    let second_blocks = SpanChoice::Fixed(half, BLOCKS as u32);
+    let second = Server::start(config(&path, second_blocks), second_node.clone())
+        .await
+        .unwrap();
+    let client = node(Some(&boot)).await;
+    // Learn both servers' addresses, as a client does from their records.
+    eventually(10, || async {
+        let found = client.find_servers(MODEL, BLOCKS as u32).await.unwrap();
+        (found.len() == 2).then_some(())
+    })
+    .await;
+    let local = Checkpoint::open(&path)
+        .unwrap()
+        .load_span(0..BLOCKS, &LoadOptions::default(), &mut |_, _| {})
+        .unwrap();
+    let limits = FrameLimits::default();
+    let (first_peer, second_peer) = (first_node.peer_id(), second_node.peer_id());
+    let (mut a, _) = client
+        .open_inference_with(first_peer, limits, &open(Span::new(0, half).unwrap(), 16))
+        .await
+        .unwrap();
+    let second_span = Span::new(half, BLOCKS as u32).unwrap();
+    let (mut b, opened) = client
+        .open_inference_with(second_peer, limits, &open(second_span, 16))
+        .await
+        .unwrap();
+    let Response::Opened { session, .. } = opened else {
+        panic!("expected Opened, got {opened:?}")
+    };
+
+    // The first server answers its client and pushes; the second answers
+    // the client without having heard from it.
+    let prompt = Tensor::randn(0f32, 1.0, (1, 5, H), &Device::Cpu).unwrap();
+    let mut cache = local.new_cache(16);
+    let want = local.forward(&prompt, &mut cache).unwrap();
+    let want_first = local
+        .forward_range(0..half as usize, &prompt, &mut SpanCache::new(2, 16))
+        .unwrap();
+    let (got, forwarded, _) = step_output(
+        a.call(&pushing_step(0, &prompt, &second_node, session))
+            .await
+            .unwrap(),
+    );
+    assert!(forwarded);
+    assert!(max_diff(&got, &want_first) < 1e-5);
+    let (got, forwarded, position) = step_output(b.recv().await.unwrap());
+    assert_eq!((forwarded, position), (false, 0));
+    assert!(max_diff(&got, &want) < 1e-5);
+    let pushes = |s: &Server, outcome: &str| {
+        let line = format!("hypertensor_server_pushes_total{{outcome=\"{outcome}\"}} 1");
+        s.metrics().render().contains(&line)
+    };
+    assert!(pushes(&first, "sent") && pushes(&second, "received"));
+
+    // A push to a session that is not there fails: the first server says
+    // so, and the client sends the step on itself.
+    let next = Tensor::randn(0f32, 1.0, (1, 1, H), &Device::Cpu).unwrap();
+    let want = local.forward(&next, &mut cache).unwrap();
+    let wrong = session.wrapping_add(1);
+    let (mid, forwarded, _) = step_output(
+        a.call(&pushing_step(5, &next, &second_node, wrong))
+            .await
+            .unwrap(),
+    );
+    assert!(!forwarded);
+    assert!(pushes(&first, "failed"));
+    let (got, _, position) = step_output(b.call(&step(5, &mid)).await.unwrap());
+    assert_eq!(position, 5);
+    assert!(max_diff(&got, &want) < 1e-5);
+
+    // Anyone can ask; only a live session's id is let through.
+    let stray = Request::Push(Push {
+        session: wrong,
+        step: Step {
+            position: 6,
+            hidden: wire_tensor(&next),
+            next: Vec::new(),
+        },
+    });
+    let (_, refused) = client
+        .open_inference_with(second_peer, limits, &stray)
+        .await
+        .unwrap();
+    assert_eq!(error_code(refused), ErrorCode::UnknownSession);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn remote_steps_match_local_compute() {
     let f = fixture(|_| {}).await;
@@ -122,7 +247,7 @@ async fn remote_steps_match_local_compute() {
     let whole = Span::new(0, BLOCKS as u32).unwrap();
     assert!(matches!(
         s.call(&open(whole, 32)).await.unwrap(),
-        Response::Opened { max_length: 32 }
+        Response::Opened { max_length: 32, .. }
     ));
     let mut cache = local.new_cache(32);
     let want = local.forward(&prompt, &mut cache).unwrap();
@@ -255,6 +380,7 @@ async fn bad_requests_get_error_frames_and_other_sessions_continue() {
     let flat_step = Request::Step(Step {
         position: 0,
         hidden: flat,
+        next: Vec::new(),
     });
     assert_eq!(
         error_code(s.call(&flat_step).await.unwrap()),
@@ -265,6 +391,7 @@ async fn bad_requests_get_error_frames_and_other_sessions_continue() {
     let lying_step = Request::Step(Step {
         position: 0,
         hidden: lying,
+        next: Vec::new(),
     });
     assert_eq!(
         error_code(s.call(&lying_step).await.unwrap()),

@@ -51,6 +51,9 @@ pub enum ErrorCode {
     Forbidden,
     /// The server failed while computing.
     Internal,
+    /// A push named a session this server does not hold (closed, timed
+    /// out, or never opened here).
+    UnknownSession,
 }
 
 impl ErrorCode {

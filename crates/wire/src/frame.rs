@@ -78,21 +78,30 @@ pub fn decode_frame<T: DeserializeOwned>(
 mod tests {
     use super::*;
     use crate::ErrorCode;
-    use crate::message::{Request, Response, Step};
+    use crate::message::{NextHop, Push, Request, Response, Step};
     use crate::tensor::{Compression, WireTensor};
     use proptest::prelude::*;
 
     #[test]
     fn messages_round_trip() {
-        let step = Request::Step(Step {
+        let step = Step {
             position: 7,
             hidden: WireTensor::encode(&[1.0, 2.0], &[1, 1, 2], Compression::None).unwrap(),
-        });
-        let frame = encode_frame(&step).unwrap();
-        let len = u32::from_le_bytes(frame[..4].try_into().unwrap()) as usize;
-        assert_eq!(len, frame.len() - 4);
-        let back: Request = decode_frame(&frame[4..], &FrameLimits::default()).unwrap();
-        assert_eq!(back, step);
+            next: vec![NextHop {
+                peer: vec![0, 1, 2],
+                session: u64::MAX,
+            }],
+        };
+        for request in [
+            Request::Step(step.clone()),
+            Request::Push(Push { session: 9, step }),
+        ] {
+            let frame = encode_frame(&request).unwrap();
+            let len = u32::from_le_bytes(frame[..4].try_into().unwrap()) as usize;
+            assert_eq!(len, frame.len() - 4);
+            let back: Request = decode_frame(&frame[4..], &FrameLimits::default()).unwrap();
+            assert_eq!(back, request);
+        }
         let err = Response::error(ErrorCode::TooLong, "x");
         let frame = encode_frame(&err).unwrap();
         assert_eq!(

@@ -16,7 +16,8 @@ pub use error::{ErrorCode, WireError};
 pub use frame::{FrameLimits, decode_frame, encode_frame};
 pub use info::{ServerInfo, ServerState, Span, Throughput};
 pub use message::{
-    BackwardRequest, ErrorFrame, ForwardRequest, OpenSession, Request, Response, Step,
+    BackwardRequest, ErrorFrame, ForwardRequest, NextHop, OpenSession, Push, Request, Response,
+    Step, StepOutput,
 };
 pub use tensor::{Compression, TensorDType, WireTensor};
 
@@ -24,4 +25,4 @@ pub use tensor::{Compression, TensorDType, WireTensor};
 pub const INFERENCE_PROTOCOL: &str = "/hypertensor/inference/1";
 
 /// Version of the message schemas in this crate, carried in [`ServerInfo`].
-pub const WIRE_VERSION: u16 = 1;
+pub const WIRE_VERSION: u16 = 2;

@@ -1,8 +1,16 @@
 //! Requests and responses of the inference protocol.
 //!
-//! One protocol stream carries either a session (an [`OpenSession`] followed
-//! by [`Step`]s, each answered in order) or a single request/response
-//! exchange (`forward`, `backward`, `info`).
+//! One protocol stream carries a session (an [`OpenSession`] followed by
+//! [`Step`]s, each answered in order), a server's pushes into other
+//! servers' sessions ([`Push`]es, each acknowledged), or a single
+//! request/response exchange (`forward`, `backward`, `info`).
+//!
+//! Pushing saves a client round trip per server: a step may name the
+//! sessions that follow it in the client's chain ([`Step::next`]), and the
+//! server sends its outputs straight to the first of them, which computes
+//! and passes them on in turn. Every server still answers the client, so the
+//! client keeps each server's inputs for replay, and sends the inputs itself
+//! where a push did not get through ([`StepOutput::forwarded`]).
 
 use serde::{Deserialize, Serialize};
 
@@ -33,6 +41,42 @@ pub struct Step {
     /// a rejected draft); a larger one is an error.
     pub position: u32,
     /// `[batch, tokens, hidden]` inputs of the span's first block.
+    pub hidden: WireTensor,
+    /// Sessions that take this step's outputs next, in chain order: the
+    /// server pushes its outputs to the first, with the rest as that push's
+    /// own `next`. Empty: answer the client only.
+    pub next: Vec<NextHop>,
+}
+
+/// A session on another server, as a push target.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NextHop {
+    /// The server's libp2p peer id, as bytes.
+    pub peer: Vec<u8>,
+    /// The session id it gave in [`Response::Opened`].
+    pub session: u64,
+}
+
+/// A step delivered by the previous server of a chain rather than by the
+/// session's client.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Push {
+    /// The receiving server's session id.
+    pub session: u64,
+    /// The step, as the client would have sent it.
+    pub step: Step,
+}
+
+/// Outputs of one step, pushed or sent by the client.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepOutput {
+    /// The step's `position`: a client skips answers to steps it has
+    /// already had answered (a push and a replay can both deliver one).
+    pub position: u32,
+    /// Whether the outputs were pushed to the step's first `next` session;
+    /// if not, the client sends them there itself.
+    pub forwarded: bool,
+    /// `[batch, tokens, hidden]` outputs of the span's last block.
     pub hidden: WireTensor,
 }
 
@@ -71,6 +115,9 @@ pub enum Request {
     Open(OpenSession),
     /// Next positions of the open session.
     Step(Step),
+    /// A step for a session on this server, from the server before it in
+    /// the chain (first and every frame of a push stream).
+    Push(Push),
     /// End the session and free its cache.
     Close,
     /// Stateless forward pass.
@@ -103,9 +150,14 @@ pub enum Response {
     Opened {
         /// Positions reserved.
         max_length: u32,
+        /// The session's id, for other servers' [`Push`]es: random, so
+        /// only those the client names can push.
+        session: u64,
     },
-    /// Outputs of a step, `[batch, tokens, hidden]`.
-    Step(WireTensor),
+    /// Outputs of a step.
+    Step(StepOutput),
+    /// A [`Push`] was accepted into its session.
+    Pushed,
     /// Outputs of a forward pass.
     Forward(WireTensor),
     /// Gradient with respect to the inputs.

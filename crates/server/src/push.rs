@@ -1,0 +1,211 @@
+//! Pushes: a step's outputs sent straight to the next server's session, so
+//! a token crosses one link per server instead of a round trip to the
+//! client per server (the message shapes are in `wire::message`).
+//!
+//! [`Pushes`] names this server's sessions that may be pushed to; a push
+//! stream from the previous server ([`serve_pushes`]) drops each step into
+//! its session's queue, and the session computes it as if the client had
+//! sent it. [`Forwarder`] is one session's link to the next server.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use libp2p::{PeerId, Stream};
+use p2p::InferenceStream;
+use tokio::sync::mpsc;
+use wire::{ErrorCode, FrameLimits, NextHop, Push, Request, Response, Step, WireTensor};
+
+use crate::session::{Next, next, reply};
+use crate::state::Shared;
+
+/// Pushed steps a session may have waiting; a chain has one step in flight
+/// per session, so more means a misbehaving pusher.
+const QUEUE: usize = 4;
+
+/// How long a push may take, opening its stream included, before the
+/// client is told to send the outputs on itself. The client waits for this
+/// answer before it learns that the next server may be gone, so it is short.
+const PUSH_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// This server's sessions that accept pushes, by id.
+#[derive(Default)]
+pub(crate) struct Pushes {
+    sessions: Mutex<HashMap<u64, mpsc::Sender<Step>>>,
+}
+
+/// A session's place in [`Pushes`]; leaves it on drop.
+pub(crate) struct Registration {
+    pushes: Arc<Pushes>,
+    /// The id other servers push to.
+    pub(crate) id: u64,
+}
+
+impl Pushes {
+    /// Registers a session under a fresh random id: only servers its client
+    /// names can find it.
+    pub(crate) fn register(self: &Arc<Self>) -> (Registration, mpsc::Receiver<Step>) {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let mut sessions = self.sessions.lock().unwrap_or_else(PoisonError::into_inner);
+        let id = loop {
+            let id = rand::random::<u64>();
+            if !sessions.contains_key(&id) {
+                break id;
+            }
+        };
+        sessions.insert(id, tx);
+        let registration = Registration {
+            pushes: self.clone(),
+            id,
+        };
+        (registration, rx)
+    }
+
+    /// Queues a pushed step for its session.
+    fn deliver(&self, push: Push) -> Response {
+        let sender = self
+            .sessions
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&push.session)
+            .cloned();
+        let unknown = || {
+            Response::error(
+                ErrorCode::UnknownSession,
+                format!("no session {:#x} here", push.session),
+            )
+        };
+        let Some(sender) = sender else {
+            return unknown();
+        };
+        match sender.try_send(push.step) {
+            Ok(()) => Response::Pushed,
+            Err(mpsc::error::TrySendError::Full(_)) => Response::error(
+                ErrorCode::TooManyRequests,
+                format!("{QUEUE} pushed steps already wait for this session"),
+            ),
+            Err(mpsc::error::TrySendError::Closed(_)) => unknown(),
+        }
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.pushes
+            .sessions
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.id);
+    }
+}
+
+/// Serves a push stream: `first`, then every further push on it, each
+/// acknowledged once queued (not once computed: the session answers its
+/// own client).
+pub(crate) async fn serve_pushes(shared: &Shared, stream: &mut Stream, first: Push) {
+    let mut push = first;
+    loop {
+        let response = shared.pushes.deliver(push);
+        if matches!(response, Response::Pushed) {
+            shared.metrics.push("received");
+        }
+        if reply(shared, stream, response).await.is_err() {
+            return;
+        }
+        push = loop {
+            match next(shared, stream).await {
+                Next::Request(Request::Push(p)) => break p,
+                Next::Request(_) => {
+                    let refusal =
+                        Response::error(ErrorCode::BadRequest, "a push stream carries only pushes");
+                    if reply(shared, stream, refusal).await.is_err() {
+                        return;
+                    }
+                }
+                Next::Skipped => {}
+                Next::End => return,
+            }
+        };
+    }
+}
+
+/// One session's link to the server after it, kept across steps.
+#[derive(Default)]
+pub(crate) struct Forwarder {
+    link: Option<InferenceStream>,
+    /// A peer a push failed to: not tried again in this session, so a dead
+    /// or unreachable next server costs at most one [`PUSH_TIMEOUT`].
+    failed: Option<PeerId>,
+}
+
+impl Forwarder {
+    /// Pushes a step's outputs (`hidden`, the step at `position`) to the
+    /// first of `next`, with the rest of the chain; whether it got there.
+    pub(crate) async fn forward(
+        &mut self,
+        shared: &Shared,
+        next: &[NextHop],
+        position: u32,
+        hidden: &WireTensor,
+    ) -> bool {
+        let Some((first, rest)) = next.split_first() else {
+            return false;
+        };
+        let push = Request::Push(Push {
+            session: first.session,
+            step: Step {
+                position,
+                hidden: hidden.clone(),
+                next: rest.to_vec(),
+            },
+        });
+        let Ok(peer) = PeerId::from_bytes(&first.peer) else {
+            tracing::debug!("not pushing to a malformed peer id");
+            return false;
+        };
+        if self.failed == Some(peer) {
+            return false;
+        }
+        let sent = tokio::time::timeout(PUSH_TIMEOUT, self.send(shared, peer, &push))
+            .await
+            .unwrap_or_else(|_| Err(format!("no answer within {PUSH_TIMEOUT:?}")));
+        match sent {
+            Ok(()) => {
+                shared.metrics.push("sent");
+                true
+            }
+            Err(why) => {
+                tracing::debug!(%peer, "push failed, the client sends on: {why}");
+                self.link = None;
+                self.failed = Some(peer);
+                shared.metrics.push("failed");
+                false
+            }
+        }
+    }
+
+    async fn send(&mut self, shared: &Shared, peer: PeerId, push: &Request) -> Result<(), String> {
+        let response = match self.link.as_mut() {
+            Some(link) if link.peer() == peer => {
+                link.call(push).await.map_err(|e| e.to_string())?
+            }
+            _ => {
+                let limits = FrameLimits {
+                    max_frame_bytes: shared.limits.max_frame_bytes,
+                };
+                let (link, response) = shared
+                    .node
+                    .open_inference_with(peer, limits, push)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                self.link = Some(link);
+                response
+            }
+        };
+        match response {
+            Response::Pushed => Ok(()),
+            Response::Error(e) => Err(e.to_string()),
+            _ => Err("an unexpected answer to a push".into()),
+        }
+    }
+}
