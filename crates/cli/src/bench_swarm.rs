@@ -112,16 +112,25 @@ impl SwarmBench {
                 .await;
                 view
             });
-            let remote = client::RemoteModel::load(&ckpt, view, client::SessionConfig::default())?;
+            let mut remote =
+                client::RemoteModel::load(&ckpt, view, client::SessionConfig::default())?;
             let handle = runtime.handle();
             // One warm-up run opens the connections.
             remote.generate(handle, &req, &mut |_| true)?;
-            let g = remote.generate(handle, &req, &mut |_| true)?;
             let label = spans
                 .iter()
                 .map(|(a, b)| format!("{a}:{b}"))
                 .collect::<Vec<_>>()
                 .join(" + ");
+            if n > 1 {
+                // The baseline for servers pushing to each other: every
+                // hop's outputs return to the client, which sends them on.
+                remote.set_push(false);
+                let g = remote.generate(handle, &req, &mut |_| true)?;
+                rows.push(row(&format!("{n} server(s), client relays"), &g));
+                remote.set_push(true);
+            }
+            let g = remote.generate(handle, &req, &mut |_| true)?;
             rows.push(row(&format!("{n} server(s): {label}"), &g));
             if n == largest {
                 for &clients in &self.clients {

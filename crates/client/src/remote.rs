@@ -82,6 +82,12 @@ impl RemoteModel {
         self
     }
 
+    /// Whether servers push each step's outputs on to the next server in
+    /// sessions opened from now on ([`SessionConfig::push`]).
+    pub fn set_push(&mut self, push: bool) {
+        self.session.push = push;
+    }
+
     /// The swarm this model runs in.
     pub fn view(&self) -> &SwarmView {
         &self.view
