@@ -2,6 +2,7 @@
 //! this process, or in a swarm with `--initial-peers`.
 
 use std::io::{BufRead, Write};
+use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
@@ -65,13 +66,18 @@ pub struct ModelArgs {
 }
 
 impl ModelArgs {
-    pub fn open(&self) -> Result<Checkpoint> {
+    /// Sizes the compute pool (`--threads`) and finds the model's files.
+    pub fn resolve(&self) -> Result<PathBuf> {
         if let Some(n) = self.threads {
             // Both rayon and candle's gemm read this before their pools start.
             // SAFETY: called before any other thread exists.
             unsafe { std::env::set_var("RAYON_NUM_THREADS", n.to_string()) };
         }
-        let path = model::resolve_model(&self.model)?;
+        Ok(model::resolve_model(&self.model)?)
+    }
+
+    pub fn open(&self) -> Result<Checkpoint> {
+        let path = self.resolve()?;
         Checkpoint::open(&path).with_context(|| format!("opening {}", path.display()))
     }
 

@@ -7,11 +7,11 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use model::LoadOptions;
 use p2p::{Multiaddr, Node, NodeConfig, NodeHandle};
 use server::{Server, ServerConfig, SpanChoice};
 
 use crate::chain_link::{ChainLink, ChainServeArgs};
+use crate::local::ModelArgs;
 
 /// Options every swarm peer shares.
 #[derive(Debug, Args)]
@@ -162,9 +162,8 @@ impl KeygenArgs {
 pub struct ServeArgs {
     #[command(flatten)]
     pub peer: PeerArgs,
-    /// `default`, a .gguf file, or a Hugging Face folder.
-    #[arg(long, default_value = "default")]
-    pub model: String,
+    #[command(flatten)]
+    pub model: ModelArgs,
     /// The model's id in the swarm (default: the checkpoint's file name
     /// without extension).
     #[arg(long)]
@@ -188,12 +187,6 @@ pub struct ServeArgs {
     /// Link capacity for the network throughput estimate, Mbit/s.
     #[arg(long, default_value_t = 100.0)]
     pub bandwidth_mbps: f64,
-    /// Compute threads (default: all cores).
-    #[arg(long)]
-    pub threads: Option<usize>,
-    /// Where the blocks run: `cpu`, `cuda` or `cuda:N` (builds with `--features cuda`).
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
     /// Serve Prometheus metrics at http://ADDR/metrics (port 0 picks one).
     #[arg(long)]
     pub metrics_listen: Option<std::net::SocketAddr>,
@@ -216,10 +209,8 @@ fn parse_blocks(s: &str) -> Result<(u32, u32)> {
 
 impl ServeArgs {
     pub fn run(self) -> Result<()> {
-        if let Some(n) = self.threads {
-            // SAFETY: no other thread exists yet; rayon reads it at start.
-            unsafe { std::env::set_var("RAYON_NUM_THREADS", n.to_string()) };
-        }
+        // Before the runtime starts any thread: `--threads` is read once.
+        let path = self.model.resolve()?;
         let span = match (&self.blocks, self.num_blocks) {
             (Some(b), _) => {
                 let (a, b) = parse_blocks(b)?;
@@ -229,10 +220,9 @@ impl ServeArgs {
             (None, Some(_)) => bail!("--num-blocks must be at least 1"),
             (None, None) => bail!("give --blocks START:END or --num-blocks N"),
         };
-        let path = model::resolve_model(&self.model)?;
         let model_id = model_id(&path, self.model_id.as_deref())?;
         let mut config = ServerConfig::new(model_id, path, span);
-        config.load.device = LoadOptions::device_by_name(&self.device)?;
+        config.load = self.model.options()?;
         config.limits.max_length = self.max_length;
         config.limits.cache_tokens = self.cache_tokens;
         config.announce_period = Duration::from_secs(self.announce_period.max(1));

@@ -147,8 +147,12 @@ impl SwarmCmd {
                     "/ip4/127.0.0.1/udp/0/quic-v1",
                 ])
                 .args(["--threads", &threads.to_string()])
+                .args(["--device", &self.model.device])
                 .arg("--identity")
                 .arg(&identities[i]);
+            if self.model.q8 {
+                command.arg("--q8");
+            }
             if let Some(chain) = &chain {
                 command
                     .args(["--subnet", &chain.subnet.to_string()])
