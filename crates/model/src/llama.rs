@@ -454,10 +454,10 @@ impl BlockSpan {
         let x = (x + w.o.forward(&y)?)?;
         let h = norm(&x, &w.ffn_norm)?;
         let [gate, up] = split(w.gate_up.forward(&h)?)?;
-        let act = if differentiable || !gate.device().is_cpu() {
-            (ops::silu(&gate)? * up)?
-        } else {
+        let act = if fused(differentiable, &gate) {
             crate::fused::silu_times(&gate, &up)?
+        } else {
+            (ops::silu(&gate)? * up)?
         };
         let mlp = w.down.forward(&act)?;
         Ok((x + mlp)?)
@@ -533,7 +533,7 @@ impl BlockSpan {
             Some(kv) => kv.append(&k, &v)?,
             None => (k, v),
         };
-        if t == 1 && !differentiable && q.device().is_cpu() {
+        if t == 1 && fused(differentiable, &q) {
             return crate::fused::cached_attention(&q, &k, &v);
         }
         let s = k.dim(2)?;
@@ -578,6 +578,12 @@ struct Attend<'a> {
     sin: Tensor,
     mask: Option<Tensor>,
     kv: Option<&'a mut KvCache>,
+}
+
+/// Whether [`crate::fused`]'s hand-written ops may stand in for candle's:
+/// they have no backward, and run on the CPU only.
+fn fused(differentiable: bool, x: &Tensor) -> bool {
+    !differentiable && x.device().is_cpu()
 }
 
 /// The outputs of a fused projection as a fixed-size array.
