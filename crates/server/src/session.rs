@@ -4,9 +4,10 @@
 //! server reserves KV memory, then answers each step in order, whether its
 //! client sent it or the previous server pushed it, until `Close`, the end
 //! of the stream, or the idle timeout. `Push` makes it a push stream
-//! ([`crate::push`]). `Forward`, `Backward` and `Info` get one response. Every failure becomes an error frame; a malformed
-//! frame that leaves the stream in sync keeps the session alive, and nothing a
-//! peer sends can reach another session.
+//! ([`crate::push`]). `Forward`, `Backward` and `Info` get one response.
+//! Every failure becomes an error frame; a malformed frame that leaves the
+//! stream in sync keeps the session alive, and nothing a peer sends can reach
+//! another session but the one it names by its random id.
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -253,7 +254,7 @@ fn encode(shared: &Shared, t: &Tensor, compression: Compression) -> Result<WireT
     WireTensor::encode(&values, t.dims(), compression).map_err(|e| internal(&e))
 }
 
-/// Where a session's next step came from.
+/// What woke a session: its client, a push, or the idle timer.
 enum Event {
     Read(Read),
     Pushed(Step),
