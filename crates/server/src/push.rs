@@ -31,7 +31,14 @@ const PUSH_TIMEOUT: Duration = Duration::from_secs(1);
 /// This server's sessions that accept pushes, by id.
 #[derive(Default)]
 pub(crate) struct Pushes {
-    sessions: Mutex<HashMap<u64, mpsc::Sender<Step>>>,
+    sessions: Mutex<HashMap<u64, Entry>>,
+}
+
+/// A session as pushes find it.
+struct Entry {
+    queue: mpsc::Sender<Step>,
+    /// Sequences per step, which a push must match.
+    batch: usize,
 }
 
 /// A session's place in [`Pushes`]; leaves it on drop.
@@ -42,9 +49,9 @@ pub(crate) struct Registration {
 }
 
 impl Pushes {
-    /// Registers a session under a fresh random id: only servers its client
-    /// names can find it.
-    pub(crate) fn register(self: &Arc<Self>) -> (Registration, mpsc::Receiver<Step>) {
+    /// Registers a session of `batch` sequences under a fresh random id:
+    /// only servers its client names can find it.
+    pub(crate) fn register(self: &Arc<Self>, batch: usize) -> (Registration, mpsc::Receiver<Step>) {
         let (tx, rx) = mpsc::channel(QUEUE);
         let mut sessions = self.sessions.lock().unwrap_or_else(PoisonError::into_inner);
         let id = loop {
@@ -53,7 +60,7 @@ impl Pushes {
                 break id;
             }
         };
-        sessions.insert(id, tx);
+        sessions.insert(id, Entry { queue: tx, batch });
         let registration = Registration {
             pushes: self.clone(),
             id,
@@ -61,23 +68,36 @@ impl Pushes {
         (registration, rx)
     }
 
-    /// Queues a pushed step for its session.
-    fn deliver(&self, push: Push) -> Response {
-        let sender = self
+    /// Queues a pushed step for its session, if its activations fit it
+    /// (`[batch, tokens, hidden]`). A misfit is refused here, to the pusher:
+    /// in the session it would fail a step on the client's stream, for a
+    /// fault that is not the client's.
+    fn deliver(&self, push: Push, hidden: usize) -> Response {
+        let entry = self
             .sessions
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .get(&push.session)
-            .cloned();
+            .map(|e| (e.queue.clone(), e.batch));
         let unknown = || {
             Response::error(
                 ErrorCode::UnknownSession,
                 format!("no session {:#x} here", push.session),
             )
         };
-        let Some(sender) = sender else {
+        let Some((sender, batch)) = entry else {
             return unknown();
         };
+        match push.step.hidden.to_hidden(hidden) {
+            Ok((_, [b, ..])) if b == batch => {}
+            Ok((_, dims)) => {
+                return Response::error(
+                    ErrorCode::BadShape,
+                    format!("the session has batch {batch}, the push {dims:?}"),
+                );
+            }
+            Err(e) => return Response::error(ErrorCode::BadShape, e.to_string()),
+        }
         match sender.try_send(push.step) {
             Ok(()) => Response::Pushed,
             Err(mpsc::error::TrySendError::Full(_)) => Response::error(
@@ -105,7 +125,7 @@ impl Drop for Registration {
 pub(crate) async fn serve_pushes(shared: &Shared, stream: &mut Stream, first: Push) {
     let mut push = first;
     loop {
-        let response = shared.pushes.deliver(push);
+        let response = shared.pushes.deliver(push, shared.hidden);
         if matches!(response, Response::Pushed) {
             shared.metrics.push("received");
         }
@@ -207,5 +227,65 @@ impl Forwarder {
             Response::Error(e) => Err(e.to_string()),
             _ => Err("an unexpected answer to a push".into()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use wire::Compression;
+
+    const HIDDEN: usize = 8;
+
+    fn push(session: u64, width: usize) -> Push {
+        Push {
+            session,
+            step: Step {
+                position: 0,
+                hidden: WireTensor::encode(&vec![0.0; width], &[1, 1, width], Compression::None)
+                    .unwrap(),
+                next: Vec::new(),
+            },
+        }
+    }
+
+    fn code(r: Response) -> ErrorCode {
+        match r {
+            Response::Error(e) => e.code,
+            other => panic!("expected an error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn pushes_queue_until_full_and_end_with_their_session() {
+        let pushes = Arc::new(Pushes::default());
+        let (registration, mut queue) = pushes.register(1);
+        let id = registration.id;
+        for _ in 0..QUEUE {
+            assert_eq!(pushes.deliver(push(id, HIDDEN), HIDDEN), Response::Pushed);
+        }
+        assert_eq!(
+            code(pushes.deliver(push(id, HIDDEN), HIDDEN)),
+            ErrorCode::TooManyRequests
+        );
+        // Taking one makes room for one.
+        assert!(queue.try_recv().is_ok());
+        assert_eq!(pushes.deliver(push(id, HIDDEN), HIDDEN), Response::Pushed);
+        assert_eq!(
+            code(pushes.deliver(push(id, HIDDEN + 1), HIDDEN)),
+            ErrorCode::BadShape
+        );
+        let (other, _queue) = pushes.register(2);
+        assert_ne!(other.id, id);
+        assert_eq!(
+            code(pushes.deliver(push(other.id, HIDDEN), HIDDEN)),
+            ErrorCode::BadShape,
+            "a batch-2 session takes only batch-2 pushes"
+        );
+        drop(registration);
+        assert_eq!(
+            code(pushes.deliver(push(id, HIDDEN), HIDDEN)),
+            ErrorCode::UnknownSession
+        );
     }
 }

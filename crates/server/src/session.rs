@@ -270,7 +270,7 @@ async fn run_session(shared: &Arc<Shared>, peer: PeerId, stream: &mut Stream, op
             return;
         }
     };
-    let (registration, mut pushed) = shared.pushes.register();
+    let (registration, mut pushed) = shared.pushes.register(open.batch as usize);
     let opened = Response::Opened {
         max_length: open.max_length,
         session: registration.id,

@@ -216,20 +216,34 @@ async fn a_step_is_pushed_to_the_next_server_and_answered_there() {
     assert_eq!(position, 5);
     assert!(max_diff(&got, &want) < 1e-5);
 
-    // Anyone can ask; only a live session's id is let through.
-    let stray = Request::Push(Push {
-        session: wrong,
-        step: Step {
-            position: 6,
-            hidden: wire_tensor(&next),
-            next: Vec::new(),
-        },
-    });
+    // Anyone can ask; only a live session's id is let through, and only
+    // with activations that fit it. The session carries on.
+    let push = |session: u64, x: &Tensor| {
+        Request::Push(Push {
+            session,
+            step: Step {
+                position: 6,
+                hidden: wire_tensor(x),
+                next: Vec::new(),
+            },
+        })
+    };
     let (_, refused) = client
-        .open_inference_with(second_peer, limits, &stray)
+        .open_inference_with(second_peer, limits, &push(wrong, &next))
         .await
         .unwrap();
     assert_eq!(error_code(refused), ErrorCode::UnknownSession);
+    let wide = Tensor::zeros((1, 1, H + 1), candle_core::DType::F32, &Device::Cpu).unwrap();
+    let (_, refused) = client
+        .open_inference_with(second_peer, limits, &push(session, &wide))
+        .await
+        .unwrap();
+    assert_eq!(error_code(refused), ErrorCode::BadShape);
+    let after = Tensor::randn(0f32, 1.0, (1, 1, H), &Device::Cpu).unwrap();
+    let want = local.forward(&after, &mut cache).unwrap();
+    let (mid, _, _) = step_output(a.call(&step(6, &after)).await.unwrap());
+    let (got, _, _) = step_output(b.call(&step(6, &mid)).await.unwrap());
+    assert!(max_diff(&got, &want) < 1e-5);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
