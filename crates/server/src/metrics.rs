@@ -135,8 +135,9 @@ impl ServerMetrics {
         );
         r.register(
             "pushes",
-            "Step outputs pushed to the next server of a chain (sent, failed) \
-             or pushed here by the previous one (received)",
+            "Step outputs pushed to the next server of a chain (sent, failed, \
+             skipped: that server was unreachable lately) or pushed here by \
+             the previous one (received)",
             m.pushes.clone(),
         );
         r.register(
@@ -187,7 +188,7 @@ impl ServerMetrics {
         self.step_duration.observe(start.elapsed().as_secs_f64());
     }
 
-    /// Counts a push: `sent`, `failed` or `received`.
+    /// Counts a push: `sent`, `failed`, `skipped` or `received`.
     pub(crate) fn push(&self, outcome: &'static str) {
         self.pushes.get_or_create(&OutcomeLabels { outcome }).inc();
     }

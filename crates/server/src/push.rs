@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use libp2p::{PeerId, Stream};
 use p2p::InferenceStream;
@@ -28,10 +28,17 @@ const QUEUE: usize = 4;
 /// answer before it learns that the next server may be gone, so it is short.
 const PUSH_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// This server's sessions that accept pushes, by id.
+/// How long a peer that could not be reached gets no pushes from any
+/// session here. Servers behind NATs may never reach each other; without
+/// this, each new session would wait out [`PUSH_TIMEOUT`] on its first step.
+const UNREACHABLE_FOR: Duration = Duration::from_secs(300);
+
+/// This server's sessions that accept pushes, by id, and the peers its own
+/// pushes could not reach.
 #[derive(Default)]
 pub(crate) struct Pushes {
     sessions: Mutex<HashMap<u64, Entry>>,
+    unreachable: Mutex<HashMap<PeerId, Instant>>,
 }
 
 /// A session as pushes find it.
@@ -109,6 +116,44 @@ impl Pushes {
     }
 }
 
+impl Pushes {
+    /// Whether `peer` failed to take a push within [`UNREACHABLE_FOR`].
+    fn is_unreachable(&self, peer: &PeerId) -> bool {
+        let mut unreachable = self
+            .unreachable
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        match unreachable.get(peer) {
+            Some(since) if since.elapsed() < UNREACHABLE_FOR => true,
+            Some(_) => {
+                unreachable.remove(peer);
+                false
+            }
+            None => false,
+        }
+    }
+
+    fn mark_unreachable(&self, peer: PeerId) {
+        let mut unreachable = self
+            .unreachable
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        // Bounded by the peers this server's clients name; forget the
+        // expired ones whenever a new one is added.
+        unreachable.retain(|_, since| since.elapsed() < UNREACHABLE_FOR);
+        unreachable.insert(peer, Instant::now());
+    }
+}
+
+/// Why a push did not get through.
+enum PushError {
+    /// No stream, no answer in time, or the link died: the peer is taken
+    /// as unreachable for a while.
+    Unreachable(String),
+    /// The peer answered, refusing it (its session may be gone).
+    Refused(String),
+}
+
 impl Drop for Registration {
     fn drop(&mut self) {
         self.pushes
@@ -153,9 +198,6 @@ pub(crate) async fn serve_pushes(shared: &Shared, stream: &mut Stream, first: Pu
 #[derive(Default)]
 pub(crate) struct Forwarder {
     link: Option<InferenceStream>,
-    /// A peer a push failed to: not tried again in this session, so a dead
-    /// or unreachable next server costs at most one [`PUSH_TIMEOUT`].
-    failed: Option<PeerId>,
 }
 
 impl Forwarder {
@@ -183,31 +225,43 @@ impl Forwarder {
             tracing::debug!("not pushing to a malformed peer id");
             return false;
         };
-        if self.failed == Some(peer) {
+        if shared.pushes.is_unreachable(&peer) {
+            shared.metrics.push("skipped");
             return false;
         }
         let sent = tokio::time::timeout(PUSH_TIMEOUT, self.send(shared, peer, &push))
             .await
-            .unwrap_or_else(|_| Err(format!("no answer within {PUSH_TIMEOUT:?}")));
-        match sent {
+            .unwrap_or_else(|_| {
+                let why = format!("no answer within {PUSH_TIMEOUT:?}");
+                Err(PushError::Unreachable(why))
+            });
+        let why = match sent {
             Ok(()) => {
                 shared.metrics.push("sent");
-                true
+                return true;
             }
-            Err(why) => {
-                tracing::debug!(%peer, "push failed, the client sends on: {why}");
+            Err(PushError::Refused(why)) => why,
+            Err(PushError::Unreachable(why)) => {
                 self.link = None;
-                self.failed = Some(peer);
-                shared.metrics.push("failed");
-                false
+                shared.pushes.mark_unreachable(peer);
+                why
             }
-        }
+        };
+        tracing::debug!(%peer, "push failed, the client sends on: {why}");
+        shared.metrics.push("failed");
+        false
     }
 
-    async fn send(&mut self, shared: &Shared, peer: PeerId, push: &Request) -> Result<(), String> {
+    async fn send(
+        &mut self,
+        shared: &Shared,
+        peer: PeerId,
+        push: &Request,
+    ) -> Result<(), PushError> {
+        let unreachable = |e: &dyn std::fmt::Display| PushError::Unreachable(e.to_string());
         let response = match self.link.as_mut() {
             Some(link) if link.peer() == peer => {
-                link.call(push).await.map_err(|e| e.to_string())?
+                link.call(push).await.map_err(|e| unreachable(&e))?
             }
             _ => {
                 let limits = FrameLimits {
@@ -217,15 +271,15 @@ impl Forwarder {
                     .node
                     .open_inference_with(peer, limits, push)
                     .await
-                    .map_err(|e| e.to_string())?;
+                    .map_err(|e| unreachable(&e))?;
                 self.link = Some(link);
                 response
             }
         };
         match response {
             Response::Pushed => Ok(()),
-            Response::Error(e) => Err(e.to_string()),
-            _ => Err("an unexpected answer to a push".into()),
+            Response::Error(e) => Err(PushError::Refused(e.to_string())),
+            _ => Err(PushError::Refused("an unexpected answer to a push".into())),
         }
     }
 }

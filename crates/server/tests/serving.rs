@@ -247,6 +247,40 @@ async fn a_step_is_pushed_to_the_next_server_and_answered_there() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_next_server_is_not_pushed_to_again() {
+    let f = fixture(|_| {}).await;
+    let whole = Span::new(0, BLOCKS as u32).unwrap();
+    let x = Tensor::randn(0f32, 1.0, (1, 1, H), &Device::Cpu).unwrap();
+    let nowhere = NextHop {
+        peer: p2p::PeerId::random().to_bytes(),
+        session: 1,
+    };
+    for _session in 0..2 {
+        let mut s = f.stream().await;
+        s.call(&open(whole, 8)).await.unwrap();
+        for position in 0..2 {
+            let step = Request::Step(Step {
+                position,
+                hidden: wire_tensor(&x),
+                next: vec![nowhere.clone()],
+            });
+            let (_, forwarded, _) = step_output(s.call(&step).await.unwrap());
+            assert!(!forwarded);
+        }
+        s.close().await;
+    }
+    // Tried once: the other steps, in this session or the next, did not
+    // wait on it again.
+    let metrics = f.server.metrics().render();
+    for line in [
+        r#"hypertensor_server_pushes_total{outcome="failed"} 1"#,
+        r#"hypertensor_server_pushes_total{outcome="skipped"} 3"#,
+    ] {
+        assert!(metrics.contains(line), "{line} not in {metrics}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn remote_steps_match_local_compute() {
     let f = fixture(|_| {}).await;
     let local = f
