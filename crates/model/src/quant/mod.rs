@@ -369,10 +369,10 @@ impl QuantMatrix {
                 for width in [8, 4, 2, 1] {
                     while width <= widest && t + width <= tokens {
                         match width {
-                            8 => tiles.tile_rows::<8>(self, rows.clone(), t, out),
-                            4 => tiles.tile_rows::<4>(self, rows.clone(), t, out),
-                            2 => tiles.tile_rows::<2>(self, rows.clone(), t, out),
-                            _ => tiles.tile_rows::<1>(self, rows.clone(), t, out),
+                            8 => self.each_row(rows.clone(), t, out, tiles.tile::<8>(t)),
+                            4 => self.each_row(rows.clone(), t, out, tiles.tile::<4>(t)),
+                            2 => self.each_row(rows.clone(), t, out, tiles.tile::<2>(t)),
+                            _ => self.each_row(rows.clone(), t, out, tiles.tile::<1>(t)),
                         }
                         t += width;
                     }
@@ -399,7 +399,7 @@ impl QuantMatrix {
         rows: Range<usize>,
         t: usize,
         out: &mut [f32],
-        mut dots: impl FnMut(Row<'_>) -> [f32; N],
+        dots: impl Fn(Row<'_>) -> [f32; N],
     ) {
         let n = rows.len();
         for (i, r) in rows.enumerate() {
@@ -412,30 +412,19 @@ impl QuantMatrix {
 
 /// One matmul's activations and kernel, for any tile width.
 trait Tiles: Sync {
-    /// `rows`' dot products with tokens `t..t + N`, into a task's
-    /// token-major `out`.
-    fn tile_rows<const N: usize>(
-        &self,
-        m: &QuantMatrix,
-        rows: Range<usize>,
-        t: usize,
-        out: &mut [f32],
-    );
+    /// A row's dot products with tokens `t..t + N`, the tile's activations
+    /// taken once for all the rows it meets (not once a row: rebuilding
+    /// them a row stalled every row on a store-forwarding miss).
+    fn tile<const N: usize>(&self, t: usize) -> impl Fn(Row<'_>) -> [f32; N] + '_;
 }
 
 /// f32 activations.
 struct F32Tiles<'a>(QuantLayout, Kernel, Activations<'a>);
 
 impl Tiles for F32Tiles<'_> {
-    fn tile_rows<const N: usize>(
-        &self,
-        m: &QuantMatrix,
-        rows: Range<usize>,
-        t: usize,
-        out: &mut [f32],
-    ) {
+    fn tile<const N: usize>(&self, t: usize) -> impl Fn(Row<'_>) -> [f32; N] + '_ {
         let tile = self.2.tile::<N>(t);
-        m.each_row(rows, t, out, |row| dot_tile(self.0, self.1, row, tile));
+        move |row| dot_tile(self.0, self.1, row, tile)
     }
 }
 
@@ -443,15 +432,9 @@ impl Tiles for F32Tiles<'_> {
 struct Q8Tiles(QuantLayout, Kernel, Q8Activations);
 
 impl Tiles for Q8Tiles {
-    fn tile_rows<const N: usize>(
-        &self,
-        m: &QuantMatrix,
-        rows: Range<usize>,
-        t: usize,
-        out: &mut [f32],
-    ) {
+    fn tile<const N: usize>(&self, t: usize) -> impl Fn(Row<'_>) -> [f32; N] + '_ {
         let tile = self.2.tile::<N>(t);
-        m.each_row(rows, t, out, |row| dot_tile_q8(self.0, self.1, row, tile));
+        move |row| dot_tile_q8(self.0, self.1, row, tile)
     }
 }
 
