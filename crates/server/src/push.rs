@@ -2,10 +2,11 @@
 //! a token crosses one link per server instead of a round trip to the
 //! client per server (the message shapes are in `wire::message`).
 //!
-//! [`Pushes`] names this server's sessions that may be pushed to; a push
-//! stream from the previous server ([`serve_pushes`]) drops each step into
-//! its session's queue, and the session computes it as if the client had
-//! sent it. [`Forwarder`] is one session's link to the next server.
+//! [`Pushes`] names this server's sessions that may be pushed to, and the
+//! peers lately out of its own pushes' reach; a push stream from the
+//! previous server ([`serve_pushes`]) drops each step into its session's
+//! queue, and the session computes it as if the client had sent it.
+//! [`Forwarder`] is one session's link to the next server.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -95,9 +96,9 @@ impl Pushes {
         let Some((sender, batch)) = entry else {
             return unknown();
         };
-        match push.step.hidden.to_hidden(hidden) {
-            Ok((_, [b, ..])) if b == batch => {}
-            Ok((_, dims)) => {
+        match push.step.hidden.hidden_dims(hidden) {
+            Ok([b, ..]) if b == batch => {}
+            Ok(dims) => {
                 return Response::error(
                     ErrorCode::BadShape,
                     format!("the session has batch {batch}, the push {dims:?}"),
@@ -114,9 +115,7 @@ impl Pushes {
             Err(mpsc::error::TrySendError::Closed(_)) => unknown(),
         }
     }
-}
 
-impl Pushes {
     /// Whether `peer` failed to take a push within [`UNREACHABLE_FOR`].
     fn is_unreachable(&self, peer: &PeerId) -> bool {
         let mut unreachable = self
@@ -133,6 +132,7 @@ impl Pushes {
         }
     }
 
+    /// Notes that `peer` could not be reached just now.
     fn mark_unreachable(&self, peer: PeerId) {
         let mut unreachable = self
             .unreachable
@@ -143,15 +143,6 @@ impl Pushes {
         unreachable.retain(|_, since| since.elapsed() < UNREACHABLE_FOR);
         unreachable.insert(peer, Instant::now());
     }
-}
-
-/// Why a push did not get through.
-enum PushError {
-    /// No stream, no answer in time, or the link died: the peer is taken
-    /// as unreachable for a while.
-    Unreachable(String),
-    /// The peer answered, refusing it (its session may be gone).
-    Refused(String),
 }
 
 impl Drop for Registration {
@@ -192,6 +183,15 @@ pub(crate) async fn serve_pushes(shared: &Shared, stream: &mut Stream, first: Pu
             }
         };
     }
+}
+
+/// Why a push did not get through.
+enum PushError {
+    /// No stream, no answer in time, or the link died: the peer is taken
+    /// as unreachable for a while.
+    Unreachable(String),
+    /// The peer answered, refusing it (its session may be gone).
+    Refused(String),
 }
 
 /// One session's link to the server after it, kept across steps.

@@ -170,18 +170,32 @@ impl WireTensor {
         })
     }
 
-    /// Decodes a `[batch, tokens, width]` activation tensor, checking `width`.
+    /// The `[batch, tokens, width]` dims of an activation tensor whose
+    /// header and data agree, without decoding it.
     ///
     /// # Errors
-    /// When the tensor is not rank 3, has no tokens, or has another width.
-    pub fn to_hidden(&self, width: usize) -> Result<(Vec<f32>, [usize; 3]), WireError> {
+    /// When the tensor is not rank 3, has no tokens, has another width, or
+    /// its data does not match its header.
+    pub fn hidden_dims(&self, width: usize) -> Result<[usize; 3], WireError> {
         let dims = self.dims();
         match dims[..] {
-            [b, t, w] if w == width && b > 0 && t > 0 => Ok((self.to_f32()?, [b, t, w])),
+            [b, t, w] if w == width && b > 0 && t > 0 => {
+                self.validate()?;
+                Ok([b, t, w])
+            }
             _ => Err(WireError::BadTensor(format!(
                 "hidden states must be [batch, tokens, {width}], got {dims:?}"
             ))),
         }
+    }
+
+    /// Decodes a `[batch, tokens, width]` activation tensor, checking `width`.
+    ///
+    /// # Errors
+    /// As [`hidden_dims`](Self::hidden_dims).
+    pub fn to_hidden(&self, width: usize) -> Result<(Vec<f32>, [usize; 3]), WireError> {
+        let dims = self.hidden_dims(width)?;
+        Ok((self.to_f32()?, dims))
     }
 }
 
@@ -241,7 +255,11 @@ mod tests {
     fn hidden_width_is_checked() {
         let t = WireTensor::encode(&[0.0; 8], &[1, 2, 4], Compression::None).unwrap();
         assert!(t.to_hidden(4).is_ok());
+        assert_eq!(t.hidden_dims(4).unwrap(), [1, 2, 4]);
         assert!(t.to_hidden(8).is_err());
+        let mut lying = t.clone();
+        lying.shape = vec![1, 4, 4];
+        assert!(lying.hidden_dims(4).is_err());
         let flat = WireTensor::encode(&[0.0; 8], &[8], Compression::None).unwrap();
         assert!(flat.to_hidden(8).is_err());
     }
