@@ -98,30 +98,17 @@ impl CustomOp3 for CachedAttention {
         let pair = |n: usize| -> Vec<f32> {
             let (bi, h) = (n / heads, n % heads);
             let kvh = h / group;
-            let scale = 1.0 / (d as f32).sqrt();
-            let mut ys = vec![0f32; t * d];
-            let mut scores = vec![0f32; s];
-            for (i, y) in ys.chunks_exact_mut(d).enumerate() {
-                // Query i sits at position s - t + i and sees keys up to it.
-                let scores = &mut scores[..s - t + i + 1];
-                let qi = q.row(bi, h, i);
-                for (j, score) in scores.iter_mut().enumerate() {
-                    *score = dot(qi, k.row(bi, kvh, j)) * scale;
-                }
-                let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0f32;
-                for score in scores.iter_mut() {
-                    *score = (*score - max).exp();
-                    sum += *score;
-                }
-                for (j, &p) in scores.iter().enumerate() {
-                    for (y, &x) in y.iter_mut().zip(v.row(bi, kvh, j)) {
-                        *y += p * x;
-                    }
-                }
-                y.iter_mut().for_each(|y| *y /= sum);
+            let rows = Pair {
+                queries: (0..t).map(|i| q.row(bi, h, i)).collect(),
+                keys: (0..s).map(|j| k.row(bi, kvh, j)).collect(),
+                values: (0..s).map(|j| v.row(bi, kvh, j)).collect(),
+            };
+            #[cfg(target_arch = "x86_64")]
+            if wide_vectors() {
+                // SAFETY: `wide_vectors` saw AVX2 and FMA on this CPU.
+                return unsafe { rows.attend_avx2() };
             }
-            ys
+            rows.attend()
         };
         // Heads run in parallel once a cache is long enough to pay for the
         // fork; each pair's arithmetic is the same either way.
@@ -142,7 +129,69 @@ impl CustomOp3 for CachedAttention {
     }
 }
 
+/// Whether the CPU runs 256-bit vectors (the `model::quant` kernel chosen
+/// for this process is AVX2 or wider), so that the attention loops are
+/// worth compiling for them. The arithmetic is the same lane for lane, and
+/// so are the results: only the vector width changes.
+#[cfg(target_arch = "x86_64")]
+fn wide_vectors() -> bool {
+    use crate::quant::Kernel;
+    matches!(Kernel::detect(), Kernel::Avx2 | Kernel::Avx512)
+}
+
+/// One (sequence, head) pair's rows: its queries, and the keys and values
+/// of its key/value head, position by position.
+struct Pair<'a> {
+    queries: Vec<&'a [f32]>,
+    keys: Vec<&'a [f32]>,
+    values: Vec<&'a [f32]>,
+}
+
+impl Pair<'_> {
+    /// Each query's softmax-weighted sum of values, `t * d` floats; query `i`
+    /// sits at position `s - t + i` and sees keys up to it.
+    #[inline(always)]
+    fn attend(&self) -> Vec<f32> {
+        let (t, s) = (self.queries.len(), self.keys.len());
+        let d = self.queries.first().map_or(0, |q| q.len());
+        let scale = 1.0 / (d as f32).sqrt();
+        let mut ys = vec![0f32; t * d];
+        let mut scores = vec![0f32; s];
+        for ((i, y), qi) in ys.chunks_exact_mut(d).enumerate().zip(&self.queries) {
+            let scores = &mut scores[..s - t + i + 1];
+            for (score, key) in scores.iter_mut().zip(&self.keys) {
+                *score = dot(qi, key) * scale;
+            }
+            let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0f32;
+            for score in scores.iter_mut() {
+                *score = (*score - max).exp();
+                sum += *score;
+            }
+            for (&p, value) in scores.iter().zip(&self.values) {
+                for (y, &x) in y.iter_mut().zip(*value) {
+                    *y += p * x;
+                }
+            }
+            y.iter_mut().for_each(|y| *y /= sum);
+        }
+        ys
+    }
+
+    /// [`attend`](Self::attend) compiled for AVX2: a dot product's eight
+    /// partial sums fill one register instead of two.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn attend_avx2(&self) -> Vec<f32> {
+        self.attend()
+    }
+}
+
 /// Eight partial sums, so the compiler vectorizes without reassociating.
+#[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
@@ -298,6 +347,34 @@ mod tests {
                 diff.to_scalar::<f32>().unwrap() < 1e-5,
                 "{b} {h} {kvh} {t} {s} {d}"
             );
+        }
+    }
+
+    /// Local and swarm runs must agree token for token whichever CPU each
+    /// part runs on, so the vector width may not move a single bit.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn the_avx2_build_of_attention_gives_the_same_bits() {
+        if !wide_vectors() {
+            return;
+        }
+        let mut rng = StdRng::seed_from_u64(5);
+        // Widths with and without a tail past the last 8.
+        for (t, s, d) in [(1, 130, 64), (3, 17, 12), (2, 2, 8)] {
+            let mut rows = |n: usize| -> Vec<Vec<f32>> {
+                (0..n)
+                    .map(|_| (0..d).map(|_| rng.random_range(-2.0..2.0)).collect())
+                    .collect()
+            };
+            let (queries, keys, values) = (rows(t), rows(s), rows(s));
+            let pair = Pair {
+                queries: queries.iter().map(Vec::as_slice).collect(),
+                keys: keys.iter().map(Vec::as_slice).collect(),
+                values: values.iter().map(Vec::as_slice).collect(),
+            };
+            // SAFETY: `wide_vectors` saw AVX2 and FMA.
+            let wide = unsafe { pair.attend_avx2() };
+            assert_eq!(wide, pair.attend(), "{t} {s} {d}");
         }
     }
 

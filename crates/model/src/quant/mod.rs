@@ -300,17 +300,20 @@ impl QuantMatrix {
     /// `y = x W^T` for `x` of shape `[tokens, cols]` (row-major), returning `[tokens, rows]`.
     ///
     /// Rows are split across rayon's pool; within a task, tiles of tokens
-    /// share each expanded weight block: eight for AVX-512's table kernel,
-    /// four for the others.
+    /// share each expanded weight block: up to eight for AVX-512's table
+    /// kernel, four for the others.
     pub fn matmul(&self, x: &[f32], tokens: usize, kernel: Kernel) -> Vec<f32> {
         assert_eq!(x.len(), tokens * self.cols, "activation length");
         if kernel == Kernel::Avx512 && self.uses_nibble_table() {
             // The table kernel meets each block's activations in the 8-bit
             // kernels' order; its table holds the offsets, so no block sums.
-            let x: Vec<f32> = x
-                .chunks_exact(BLOCK)
-                .flat_map(|b| NIBBLE_Q8_ORDER.map(|i| b[i]))
-                .collect();
+            let mut permuted = vec![0f32; x.len()];
+            for (to, from) in permuted.chunks_exact_mut(BLOCK).zip(x.chunks_exact(BLOCK)) {
+                for (to, &i) in to.iter_mut().zip(&NIBBLE_Q8_ORDER) {
+                    *to = from[i];
+                }
+            }
+            let x = permuted;
             let acts = Activations {
                 x: &x,
                 xsums: &[],
@@ -337,11 +340,15 @@ impl QuantMatrix {
 
     /// [`matmul`](Self::matmul) with the activations first rounded to 8 bits
     /// per 32-block (scale `max|x| / 127`), so each block's dot product is an
-    /// exact integer sum: faster, and exactly what llama.cpp computes.
+    /// exact integer sum: faster, and exactly what llama.cpp computes. Tiles
+    /// take up to eight tokens on AVX-512, four elsewhere.
     pub fn matmul_q8(&self, x: &[f32], tokens: usize, kernel: Kernel) -> Vec<f32> {
         assert_eq!(x.len(), tokens * self.cols, "activation length");
         let acts = Q8Activations::quantize(x, self.cols, self.layout);
-        self.by_rows(tokens, 4, &Q8Tiles(self.layout, kernel, acts))
+        // AVX-512's 32 registers hold two accumulators for each of eight
+        // tokens; AVX2's 16 only for four.
+        let widest = if kernel == Kernel::Avx512 { 8 } else { 4 };
+        self.by_rows(tokens, widest, &Q8Tiles(self.layout, kernel, acts))
     }
 
     /// Every row's dot products with every token, rows split across rayon's
@@ -350,10 +357,11 @@ impl QuantMatrix {
     /// A task takes a few rows and runs token tiles outside, rows inside, so
     /// both its rows' blocks and a tile's activations stay in L1 (rows outside
     /// re-read every token's activations from L2 for each row). Tokens left
-    /// after the widest tiles go in halving tiles (a batch of 7 runs as 4, 2
-    /// and 1), not one by one. Every tile width sums a token's blocks in the
-    /// same order, so a session's result does not depend on the batch it ran
-    /// in.
+    /// after the widest tiles go in one narrower tile (a server's batch of 7
+    /// decode steps runs as one tile of 7, or as 4 and 3), not one by one:
+    /// each tile expands every weight block once. Every tile width sums a
+    /// token's blocks in the same order, so a session's result does not
+    /// depend on the batch it ran in.
     fn by_rows(&self, tokens: usize, widest: usize, tiles: &impl Tiles) -> Vec<f32> {
         // Enough weights per task that rayon's overhead stays small next to
         // the work, and few enough that they stay in L1.
@@ -366,16 +374,20 @@ impl QuantMatrix {
             .for_each(|(task, out)| {
                 let rows = (task * rows_per_task)..(task * rows_per_task + out.len() / tokens);
                 let mut t = 0;
-                for width in [8, 4, 2, 1] {
-                    while width <= widest && t + width <= tokens {
-                        match width {
-                            8 => self.each_row(rows.clone(), t, out, tiles.tile::<8>(t)),
-                            4 => self.each_row(rows.clone(), t, out, tiles.tile::<4>(t)),
-                            2 => self.each_row(rows.clone(), t, out, tiles.tile::<2>(t)),
-                            _ => self.each_row(rows.clone(), t, out, tiles.tile::<1>(t)),
-                        }
-                        t += width;
+                while t < tokens {
+                    let width = widest.min(tokens - t);
+                    let rows = rows.clone();
+                    match width {
+                        8.. => self.each_row(rows, t, out, tiles.tile::<8>(t)),
+                        7 => self.each_row(rows, t, out, tiles.tile::<7>(t)),
+                        6 => self.each_row(rows, t, out, tiles.tile::<6>(t)),
+                        5 => self.each_row(rows, t, out, tiles.tile::<5>(t)),
+                        4 => self.each_row(rows, t, out, tiles.tile::<4>(t)),
+                        3 => self.each_row(rows, t, out, tiles.tile::<3>(t)),
+                        2 => self.each_row(rows, t, out, tiles.tile::<2>(t)),
+                        _ => self.each_row(rows, t, out, tiles.tile::<1>(t)),
                     }
+                    t += width.min(8);
                 }
             });
         if tokens == 1 {
@@ -795,17 +807,20 @@ mod tests {
         let (rows, cols) = (37, 160);
         for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
             let (m, _) = quantized(dtype, rows, cols);
-            // Tiles of 8, 4, 2 and 1 for the table kernel; 4, 2 and 1 elsewhere.
-            let tokens = 15;
-            let x = random(tokens, cols, 13);
-            for kernel in Kernel::supported() {
-                let batch = m.matmul(&x, tokens, kernel);
-                let batch_q8 = m.matmul_q8(&x, tokens, kernel);
-                for t in 0..tokens {
-                    let one = &x[t * cols..(t + 1) * cols];
-                    let mine = t * rows..(t + 1) * rows;
-                    assert_eq!(m.matmul(one, 1, kernel), batch[mine.clone()], "{dtype:?}");
-                    assert_eq!(m.matmul_q8(one, 1, kernel), batch_q8[mine], "{dtype:?}");
+            // Every tile width: 15 runs as 8 and 7 where tiles reach 8 (as 4,
+            // 4, 4 and 3 elsewhere), 14 as 8 and 6 (4, 4, 4, 2), 13 as 8 and
+            // 5 (4, 4, 4, 1).
+            for tokens in [15, 14, 13] {
+                let x = random(tokens, cols, 13);
+                for kernel in Kernel::supported() {
+                    let batch = m.matmul(&x, tokens, kernel);
+                    let batch_q8 = m.matmul_q8(&x, tokens, kernel);
+                    for t in 0..tokens {
+                        let one = &x[t * cols..(t + 1) * cols];
+                        let mine = t * rows..(t + 1) * rows;
+                        assert_eq!(m.matmul(one, 1, kernel), batch[mine.clone()], "{dtype:?}");
+                        assert_eq!(m.matmul_q8(one, 1, kernel), batch_q8[mine], "{dtype:?}");
+                    }
                 }
             }
         }
