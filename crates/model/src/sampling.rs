@@ -89,9 +89,11 @@ impl Sampler {
 
     /// Picks the next token given the logits and the tokens so far.
     pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> u32 {
-        let mut logits = logits.to_vec();
+        // A vocabulary's worth of logits is copied only to be penalized.
+        let mut logits = std::borrow::Cow::Borrowed(logits);
         let p = &self.params;
         if p.repetition_penalty != 1.0 {
+            let logits = logits.to_mut();
             let start = history.len().saturating_sub(p.repeat_last_n);
             let mut seen = history[start..].to_vec();
             seen.sort_unstable();
