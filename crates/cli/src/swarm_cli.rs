@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
+use p2p::identity::Claim;
 use p2p::{Multiaddr, Node, NodeConfig, NodeHandle};
 use server::{Server, ServerConfig, SpanChoice};
 
@@ -40,13 +41,20 @@ pub struct PeerArgs {
 }
 
 impl PeerArgs {
-    /// Starts the p2p node these options describe.
-    pub async fn start(&self, default_identity: &str) -> Result<NodeHandle> {
+    /// Starts the p2p node these options describe, with its identity
+    /// claimed for as long as the returned claim lives.
+    pub async fn start(&self, default_identity: &str) -> Result<(NodeHandle, Claim)> {
         let path = match &self.identity {
             Some(p) => p.clone(),
             None => model::cache_dir().join(default_identity),
         };
-        let key = p2p::identity::load_or_generate(&path)?;
+        let claim = p2p::identity::claim(&path).with_context(|| {
+            format!(
+                "cannot run as {} (--identity FILE sets another key)",
+                path.display()
+            )
+        })?;
+        let key = claim.key().clone();
         let mut config = NodeConfig {
             initial_peers: self.initial_peers.clone(),
             new_swarm: self.new_swarm,
@@ -61,7 +69,7 @@ impl PeerArgs {
                 .with_context(|| format!("reading swarm key {}", file.display()))?;
             config.psk = Some(p2p::parse_psk(&text)?);
         }
-        Ok(Node::start(key, config).await?)
+        Ok((Node::start(key, config).await?, claim))
     }
 }
 
@@ -230,7 +238,7 @@ impl ServeArgs {
         config.throughput_cache = Some(model::cache_dir().join("throughput.json"));
         let runtime = tokio::runtime::Runtime::new()?;
         runtime.block_on(async move {
-            let node = self.peer.start("server.key").await?;
+            let (node, _identity) = self.peer.start("server.key").await?;
             let link = self.chain.connect(node.peer_id()).await?;
             config.gate = link.as_ref().and_then(ChainLink::gate);
             let checkpoint = config.checkpoint.clone();

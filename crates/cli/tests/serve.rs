@@ -1,6 +1,7 @@
 //! `hypertensor keygen` and `hypertensor serve` as real processes on
 //! 127.0.0.1: two servers, one with fixed blocks and one placed by the swarm,
-//! together cover a tiny model; a clean Ctrl-C announces Offline.
+//! together cover a tiny model, a third from the first one's key file is
+//! refused; a clean Ctrl-C announces Offline.
 
 mod common;
 
@@ -106,6 +107,17 @@ fn two_server_processes_cover_a_model() {
         serving.starts_with("serving blocks 0:2 of tiny as "),
         "{serving}"
     );
+    // A second server from the same key file would share its peer id.
+    let twin = hypertensor(dir.path())
+        .arg("serve")
+        .args(["--listen", "/ip4/127.0.0.1/tcp/0", "--model", m])
+        .args(["--blocks", "2:4", "--identity", &key("a.key")])
+        .args(["--initial-peers", &addr.to_string()])
+        .output()
+        .unwrap();
+    assert!(!twin.status.success());
+    let err = String::from_utf8_lossy(&twin.stderr);
+    assert!(err.contains("in use by another running peer"), "{err}");
     let (_second, serving, _) = serve(
         dir.path(),
         &[
