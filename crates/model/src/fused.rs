@@ -11,6 +11,8 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::error::Result;
+#[cfg(target_arch = "x86_64")]
+use crate::quant::Kernel;
 
 /// Causal grouped-query attention: `q` `[b, heads, t, d]` against `k`, `v`
 /// `[b, kv_heads, s, d]` (any strides, last dimension contiguous), where the
@@ -104,8 +106,8 @@ impl CustomOp3 for CachedAttention {
                 values: (0..s).map(|j| v.row(bi, kvh, j)).collect(),
             };
             #[cfg(target_arch = "x86_64")]
-            if wide_vectors() {
-                // SAFETY: `wide_vectors` saw AVX2 and FMA on this CPU.
+            if Kernel::detect().has_avx2() {
+                // SAFETY: `has_avx2`.
                 return unsafe { rows.attend_avx2() };
             }
             rows.attend()
@@ -127,16 +129,6 @@ impl CustomOp3 for CachedAttention {
         }
         Ok((CpuStorage::F32(out), Shape::from((b, t, heads * d))))
     }
-}
-
-/// Whether the CPU runs 256-bit vectors (the `model::quant` kernel chosen
-/// for this process is AVX2 or wider), so that the attention loops are
-/// worth compiling for them. The arithmetic is the same lane for lane, and
-/// so are the results: only the vector width changes.
-#[cfg(target_arch = "x86_64")]
-fn wide_vectors() -> bool {
-    use crate::quant::Kernel;
-    matches!(Kernel::detect(), Kernel::Avx2 | Kernel::Avx512)
 }
 
 /// One (sequence, head) pair's rows: its queries, and the keys and values
@@ -178,8 +170,10 @@ impl Pair<'_> {
         ys
     }
 
-    /// [`attend`](Self::attend) compiled for AVX2: a dot product's eight
-    /// partial sums fill one register instead of two.
+    /// [`attend`](Self::attend) compiled for AVX2, used where the quant
+    /// kernel is an x86 one: a dot product's eight partial sums fill one
+    /// register instead of two. The arithmetic is the same lane for lane,
+    /// and so are the results: only the vector width changes.
     ///
     /// # Safety
     /// The CPU must support AVX2 and FMA.
@@ -355,7 +349,7 @@ mod tests {
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn the_avx2_build_of_attention_gives_the_same_bits() {
-        if !wide_vectors() {
+        if !Kernel::detect().has_avx2() {
             return;
         }
         let mut rng = StdRng::seed_from_u64(5);
@@ -372,7 +366,7 @@ mod tests {
                 keys: keys.iter().map(Vec::as_slice).collect(),
                 values: values.iter().map(Vec::as_slice).collect(),
             };
-            // SAFETY: `wide_vectors` saw AVX2 and FMA.
+            // SAFETY: `has_avx2`.
             let wide = unsafe { pair.attend_avx2() };
             assert_eq!(wide, pair.attend(), "{t} {s} {d}");
         }

@@ -98,6 +98,14 @@ pub enum Kernel {
 }
 
 impl Kernel {
+    /// Whether this kernel was chosen for a CPU with AVX2 and FMA (either x86
+    /// kernel), so that code built for those features may run: the proof
+    /// the `unsafe` calls of such code rest on.
+    #[cfg(target_arch = "x86_64")]
+    pub(crate) fn has_avx2(self) -> bool {
+        matches!(self, Self::Avx2 | Self::Avx512)
+    }
+
     /// The fastest kernel this CPU supports, or the one the environment
     /// variable [`KERNEL_ENV`] names if the CPU supports it (for comparing
     /// kernels on one machine). Decided once per process.
@@ -375,10 +383,10 @@ impl QuantMatrix {
                 let rows = (task * rows_per_task)..(task * rows_per_task + out.len() / tokens);
                 let mut t = 0;
                 while t < tokens {
-                    let width = widest.min(tokens - t);
+                    let width = widest.min(8).min(tokens - t);
                     let rows = rows.clone();
                     match width {
-                        8.. => self.each_row(rows, t, out, tiles.tile::<8>(t)),
+                        8 => self.each_row(rows, t, out, tiles.tile::<8>(t)),
                         7 => self.each_row(rows, t, out, tiles.tile::<7>(t)),
                         6 => self.each_row(rows, t, out, tiles.tile::<6>(t)),
                         5 => self.each_row(rows, t, out, tiles.tile::<5>(t)),
@@ -387,7 +395,7 @@ impl QuantMatrix {
                         2 => self.each_row(rows, t, out, tiles.tile::<2>(t)),
                         _ => self.each_row(rows, t, out, tiles.tile::<1>(t)),
                     }
-                    t += width.min(8);
+                    t += width;
                 }
             });
         if tokens == 1 {
@@ -589,8 +597,8 @@ impl Q8Activations {
     /// per element; the results are the same.
     fn quantize(x: &[f32], cols: usize, layout: QuantLayout, kernel: Kernel) -> Self {
         #[cfg(target_arch = "x86_64")]
-        if matches!(kernel, Kernel::Avx2 | Kernel::Avx512) {
-            // SAFETY: either kernel is only produced for a CPU with AVX2 and FMA.
+        if kernel.has_avx2() {
+            // SAFETY: `has_avx2`.
             return unsafe { Self::quantize_avx2(x, cols, layout) };
         }
         let _ = kernel;
