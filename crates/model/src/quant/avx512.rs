@@ -12,8 +12,8 @@
 
 use std::arch::x86_64::*;
 
-use super::avx2::{accumulate, dot, nibbles_u8, prefetch_ahead};
-use super::{BLOCK, Q8Block, Row};
+use super::avx2::{nibbles_u8, prefetch_ahead};
+use super::{BLOCK, GROUP, Q8Block, Row};
 
 /// Sums a vector's lanes, always in the same order.
 #[inline]
@@ -81,6 +81,175 @@ pub(super) unsafe fn nibbles<const N: usize>(row: Row<'_>, xs: [&[f32]; N]) -> [
     std::array::from_fn(|t| hsum(_mm512_add_ps(acc[t][0], acc[t][1])))
 }
 
+/// Every token's `sum_b d_b dx_b (q_b . qx_b)` (plus `sum_b m_b sx_b` for
+/// nibbles) against 8-bit activations in [`super::Q8Order::Grouped`] order.
+///
+/// Sixteen blocks go to one register, a 32-bit lane each: `vpdpbusd` adds
+/// four byte products into a lane, so eight of them sum each lane's block
+/// whole, and one conversion and two FMAs then scale sixteen blocks at once
+/// (with a block or two to a register, each had to be converted and scaled
+/// apart). The row's blocks arrive block after block, so each group of
+/// sixteen is transposed in registers, once for every token of the tile,
+/// into eight vectors whose lane `i` holds four bytes of block `i`; the
+/// activations were stored in that order when they were rounded. Blocks
+/// left over after whole groups go two to a register, eight lanes each.
+///
+/// # Safety
+/// The CPU must support AVX-512 F, BW, VL and VNNI, AVX2 and FMA.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
+pub(super) unsafe fn nibbles_q8<const N: usize>(row: Row<'_>, xs: [Q8Block<'_>; N]) -> [f32; N] {
+    grouped_q8::<N, false>(row, xs)
+}
+
+/// [`nibbles_q8`] for `Int8` weights: `vpdpbusd` takes one unsigned operand,
+/// so the weights are offset by 128 (`q + 128` in 0..=255) and the offset
+/// taken back through the activations' block sums, as nibbles' `m` is:
+/// `d q = d (q + 128) - 128 d`.
+///
+/// # Safety
+/// The CPU must support AVX-512 F, BW, VL and VNNI, AVX2 and FMA.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
+pub(super) unsafe fn int8_q8<const N: usize>(row: Row<'_>, xs: [Q8Block<'_>; N]) -> [f32; N] {
+    grouped_q8::<N, true>(row, xs)
+}
+
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
+fn grouped_q8<const N: usize, const INT8: bool>(row: Row<'_>, xs: [Q8Block<'_>; N]) -> [f32; N] {
+    let (nb, _) = row.checked_weights::<INT8>();
+    assert!(INT8 || row.mins.len() == nb);
+    let whole = nb / GROUP * GROUP;
+    let slots = whole + (nb - whole) * 8;
+    for x in &xs {
+        assert!(x.quants.len() == nb * BLOCK);
+        assert!(x.scales.len() == slots && x.sums.len() == slots);
+    }
+    let mut acc = [_mm512_setzero_ps(); N];
+    for first in (0..whole).step_by(GROUP) {
+        // SAFETY: blocks first..first + GROUP exist in the row and (checked
+        // above) in every token.
+        unsafe { group_dots::<N, INT8>(row, &xs, first, &mut acc) };
+    }
+    for b in (whole..nb).step_by(2) {
+        // SAFETY: as above, for block b and, where the row has it, b + 1.
+        unsafe {
+            if b + 1 < nb {
+                pair_dots::<N, INT8, true>(row, &xs, whole, b, &mut acc);
+            } else {
+                pair_dots::<N, INT8, false>(row, &xs, whole, b, &mut acc);
+            }
+        }
+    }
+    acc.map(|v| hsum(v))
+}
+
+/// Adds blocks `first..first + GROUP` of `row` times each token's
+/// activations into `acc`.
+///
+/// # Safety
+/// The blocks must exist in `row` and, as a whole group, in every token of `xs`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
+unsafe fn group_dots<const N: usize, const INT8: bool>(
+    row: Row<'_>,
+    xs: &[Q8Block<'_>; N],
+    first: usize,
+    acc: &mut [__m512; N],
+) {
+    // SAFETY: the caller guarantees the blocks.
+    unsafe {
+        let w = if INT8 {
+            int8_group(row.quants.as_ptr().add(first * BLOCK))
+        } else {
+            nibble_group(row.quants.as_ptr().add(first * BLOCK / 2))
+        };
+        let d = _mm512_loadu_ps(row.scales.as_ptr().add(first));
+        let m = if INT8 {
+            _mm512_mul_ps(d, _mm512_set1_ps(-128.0))
+        } else {
+            _mm512_loadu_ps(row.mins.as_ptr().add(first))
+        };
+        for t in 0..N {
+            let x = xs[t].quants.as_ptr().add(first * BLOCK) as *const __m512i;
+            // Integer sums are exact in any order: two chains hide the
+            // latency where few tokens leave the core idle between them.
+            let isum = if N <= 2 {
+                let (mut a, mut b) = (_mm512_setzero_si512(), _mm512_setzero_si512());
+                for k in (0..8).step_by(2) {
+                    a = _mm512_dpbusd_epi32(a, w[k], _mm512_loadu_si512(x.add(k)));
+                    b = _mm512_dpbusd_epi32(b, w[k + 1], _mm512_loadu_si512(x.add(k + 1)));
+                }
+                _mm512_add_epi32(a, b)
+            } else {
+                let mut a = _mm512_setzero_si512();
+                for (k, &wk) in w.iter().enumerate() {
+                    a = _mm512_dpbusd_epi32(a, wk, _mm512_loadu_si512(x.add(k)));
+                }
+                a
+            };
+            let dx = _mm512_loadu_ps(xs[t].scales.as_ptr().add(first));
+            let sx = _mm512_loadu_ps(xs[t].sums.as_ptr().add(first));
+            let scaled = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(d, dx), acc[t]);
+            acc[t] = _mm512_fmadd_ps(m, sx, scaled);
+        }
+    }
+}
+
+/// Adds blocks `b` and `b + 1` (`BOTH`), or block `b` alone, left over after
+/// the row's `whole` grouped blocks, times each token's activations into
+/// `acc`: eight lanes a block.
+///
+/// # Safety
+/// The blocks must exist in `row` and in every token of `xs`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
+unsafe fn pair_dots<const N: usize, const INT8: bool, const BOTH: bool>(
+    row: Row<'_>,
+    xs: &[Q8Block<'_>; N],
+    whole: usize,
+    b: usize,
+    acc: &mut [__m512; N],
+) {
+    let bytes: __mmask64 = if BOTH { !0 } else { (1 << BLOCK) - 1 };
+    let lanes: __mmask16 = if BOTH { !0 } else { 0x00FF };
+    // Each block's scale and offset in its eight lanes.
+    let spread = |v: *const f32| {
+        let pick = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+        // SAFETY: the caller guarantees block b (and b + 1 where BOTH).
+        let two = unsafe { _mm512_maskz_loadu_ps(if BOTH { 0b11 } else { 0b1 }, v) };
+        _mm512_permutexvar_ps(pick, two)
+    };
+    // SAFETY: the caller guarantees the blocks; loads past them are masked.
+    unsafe {
+        let w = if INT8 {
+            let q = _mm512_maskz_loadu_epi8(bytes, row.quants.as_ptr().add(b * BLOCK) as *const i8);
+            _mm512_xor_si512(q, _mm512_set1_epi8(-128))
+        } else {
+            let q = row.quants.as_ptr().add(b * BLOCK / 2);
+            if BOTH {
+                nibble_pair_u8(q)
+            } else {
+                _mm512_zextsi256_si512(nibbles_u8(q))
+            }
+        };
+        let d = spread(row.scales.as_ptr().add(b));
+        let m = if INT8 {
+            _mm512_mul_ps(d, _mm512_set1_ps(-128.0))
+        } else {
+            spread(row.mins.as_ptr().add(b))
+        };
+        let slot = whole + (b - whole) * 8;
+        for t in 0..N {
+            let x = _mm512_maskz_loadu_epi8(bytes, xs[t].quants.as_ptr().add(b * BLOCK));
+            let isum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, x);
+            let dx = _mm512_maskz_loadu_ps(lanes, xs[t].scales.as_ptr().add(slot));
+            let sx = _mm512_maskz_loadu_ps(lanes, xs[t].sums.as_ptr().add(slot));
+            let scaled = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(d, dx), acc[t]);
+            acc[t] = _mm512_fmadd_ps(m, sx, scaled);
+        }
+    }
+}
+
 /// Blocks `b` and `b + 1` of nibbles as 64 unsigned bytes: each block's low
 /// nibbles byte by byte, then its high ones (the 8-bit activations' order).
 ///
@@ -89,6 +258,7 @@ pub(super) unsafe fn nibbles<const N: usize>(row: Row<'_>, xs: [&[f32]; N]) -> [
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
 unsafe fn nibble_pair_u8(q: *const u8) -> __m512i {
+    prefetch_ahead(q);
     // SAFETY: the caller guarantees 32 bytes at `q`.
     let raw = _mm512_castsi256_si512(unsafe { _mm256_loadu_si256(q as *const __m256i) });
     // Each block's 16 bytes twice, [b, b, b + 1, b + 1]; shifting the second
@@ -99,115 +269,115 @@ unsafe fn nibble_pair_u8(q: *const u8) -> __m512i {
     _mm512_and_si512(shifted, _mm512_set1_epi8(0x0F))
 }
 
-/// `[s_b; 8] ++ [s_b+1; 8]`, with `s = d * dx`: the scales of two blocks'
-/// integer sums, lane by lane.
+/// Sixteen nibble blocks (16 bytes each) as eight vectors of unsigned bytes:
+/// vector `c`, lane `i` holds block `i`'s positions `4c..4c + 4` in the
+/// 8-bit order (low nibbles of bytes `4c..`, then for `c >= 4` the high ones).
 ///
 /// # Safety
-/// `d` and `dx` must each point to 2 readable floats.
+/// `q` must point to sixteen readable blocks.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
-unsafe fn pair_scales(d: *const f32, dx: *const f32) -> __m512 {
-    // SAFETY: the caller guarantees two floats at each pointer.
-    let (d, dx) = unsafe {
-        (
-            _mm_castsi128_ps(_mm_loadl_epi64(d as *const __m128i)),
-            _mm_castsi128_ps(_mm_loadl_epi64(dx as *const __m128i)),
+unsafe fn nibble_group(q: *const u8) -> [__m512i; 8] {
+    // Four blocks a register: register r's dword 4b + j is block 4r + b's dword j.
+    // SAFETY: the caller guarantees the blocks.
+    let z: [__m512i; 4] = std::array::from_fn(|r| unsafe { load_ahead(q.add(64 * r)) });
+    // Dwords j and j + 1 of blocks 0-7 (from z0, z1) and of 8-15 (z2, z3),
+    // four blocks to each 128-bit quarter; then quarters regrouped by dword.
+    let pick = |j: i32| {
+        _mm512_set_epi32(
+            17 + j + 12,
+            17 + j + 8,
+            17 + j + 4,
+            17 + j,
+            1 + j + 12,
+            1 + j + 8,
+            1 + j + 4,
+            1 + j,
+            16 + j + 12,
+            16 + j + 8,
+            16 + j + 4,
+            16 + j,
+            j + 12,
+            j + 8,
+            j + 4,
+            j,
         )
     };
-    let both = _mm512_castps128_ps512(_mm_mul_ps(d, dx));
-    _mm512_permutexvar_ps(
-        _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0),
-        both,
-    )
-}
-
-/// Shared loop of both layouts against 8-bit activations:
-/// `sum_b d_b dx_b (q_b . qx_b)` per token, two blocks at a time, each
-/// block's dot product an exact integer sum.
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
-fn scaled_dots_q8<const N: usize, const INT8: bool>(
-    row: Row<'_>,
-    xs: [Q8Block<'_>; N],
-) -> [f32; N] {
-    let (nb, _) = row.checked_blocks_q8::<INT8>(&xs);
-    // Pairs alternate between two sets of accumulators; a row with an odd
-    // number of blocks ends with its last alone in the low half.
-    let (even, odd) = accumulate(nb / 2, _mm512_setzero_ps(), |p, acc| {
-        // SAFETY: 2p + 2 <= nb.
-        unsafe { pair_dots::<N, INT8, true>(row, &xs, 2 * p, acc) }
-    });
-    let mut total: [__m512; N] = std::array::from_fn(|t| _mm512_add_ps(even[t], odd[t]));
-    if nb % 2 == 1 {
-        // SAFETY: nb - 1 is the last block.
-        unsafe { pair_dots::<N, INT8, false>(row, &xs, nb - 1, &mut total) };
+    let mut dwords = [_mm512_setzero_si512(); 4];
+    for j in [0, 2] {
+        let low = _mm512_permutex2var_epi32(z[0], pick(j as i32), z[1]);
+        let high = _mm512_permutex2var_epi32(z[2], pick(j as i32), z[3]);
+        dwords[j] = _mm512_shuffle_i32x4::<0x44>(low, high);
+        dwords[j + 1] = _mm512_shuffle_i32x4::<0xEE>(low, high);
     }
-    total.map(|v| hsum(v))
+    let mask = _mm512_set1_epi8(0x0F);
+    std::array::from_fn(|c| {
+        let v = dwords[c % 4];
+        if c < 4 {
+            _mm512_and_si512(v, mask)
+        } else {
+            _mm512_and_si512(_mm512_srli_epi16(v, 4), mask)
+        }
+    })
 }
 
-/// Adds blocks `b` and `b + 1` (`WHOLE`), or block `b` alone, of `row` times
-/// each token's 8-bit activations into `acc`.
+/// Sixteen `Int8` blocks (32 bytes each) as eight vectors: vector `c`, lane
+/// `i` holds block `i`'s bytes `4c..4c + 4`, each plus 128 (unsigned).
 ///
 /// # Safety
-/// The blocks must exist in `row` and in every token of `xs`.
+/// `q` must point to sixteen readable blocks.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
-unsafe fn pair_dots<const N: usize, const INT8: bool, const WHOLE: bool>(
-    row: Row<'_>,
-    xs: &[Q8Block<'_>; N],
-    b: usize,
-    acc: &mut [__m512; N],
-) {
-    let block_bytes = if INT8 { BLOCK } else { BLOCK / 2 };
-    let lanes: __mmask64 = if WHOLE { !0 } else { (1 << BLOCK) - 1 };
-    let zero = _mm512_setzero_si512();
-    // SAFETY: the caller guarantees the blocks; a lone block's loads are
-    // masked to its own bytes.
-    unsafe {
-        let q = row.quants.as_ptr().add(b * block_bytes);
-        prefetch_ahead(q);
-        // vpdpbusd takes one unsigned operand: nibbles already are; int8
-        // weights give their magnitude and lend their sign to the activations.
-        let (unsigned, negative) = if INT8 {
-            let w = _mm512_maskz_loadu_epi8(lanes, q as *const i8);
-            (_mm512_abs_epi8(w), _mm512_movepi8_mask(w))
-        } else if WHOLE {
-            (nibble_pair_u8(q), 0)
-        } else {
-            (_mm512_zextsi256_si512(nibbles_u8(q)), 0)
-        };
-        let d = row.scales.as_ptr().add(b);
-        for t in 0..N {
-            let x = _mm512_maskz_loadu_epi8(lanes, xs[t].quants.as_ptr().add(b * BLOCK));
-            let x = if INT8 {
-                _mm512_mask_sub_epi8(x, negative, zero, x)
-            } else {
-                x
-            };
-            let sums = _mm512_dpbusd_epi32(zero, unsigned, x);
-            let dx = xs[t].scales.as_ptr().add(b);
-            let scale = if WHOLE {
-                pair_scales(d, dx)
-            } else {
-                _mm512_maskz_mov_ps(0x00FF, _mm512_set1_ps(*d * *dx))
-            };
-            acc[t] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(sums), acc[t]);
-        }
+unsafe fn int8_group(q: *const u8) -> [__m512i; 8] {
+    // Two blocks a register: register r's dword 8b + k is block 2r + b's dword k.
+    // SAFETY: the caller guarantees the blocks.
+    let z: [__m512i; 8] = std::array::from_fn(|r| unsafe { load_ahead(q.add(64 * r)) });
+    // Blocks 4n..4n + 4 (from z[2n], z[2n + 1]) at dwords 4h..4h + 4: quarter
+    // k of `quads[n][h]` holds the four blocks' dword 4h + k.
+    let pick = |h: i32| {
+        std::array::from_fn::<i32, 16, _>(|lane| {
+            let (k, b) = (lane as i32 / 4, lane as i32 % 4);
+            (b / 2) * 16 + 8 * (b % 2) + 4 * h + k
+        })
+    };
+    let index = |h: i32| {
+        let p = pick(h);
+        // SAFETY: 16 i32s.
+        unsafe { _mm512_loadu_si512(p.as_ptr() as *const __m512i) }
+    };
+    let (first, second) = (index(0), index(1));
+    let quads: [[__m512i; 2]; 4] = std::array::from_fn(|n| {
+        [
+            _mm512_permutex2var_epi32(z[2 * n], first, z[2 * n + 1]),
+            _mm512_permutex2var_epi32(z[2 * n], second, z[2 * n + 1]),
+        ]
+    });
+    let offset = _mm512_set1_epi8(-128);
+    let mut out = [_mm512_setzero_si512(); 8];
+    for h in 0..2 {
+        // Quarters 0, 1 (then 2, 3) of blocks 0-7 and of 8-15, then one
+        // quarter index from each.
+        let low01 = _mm512_shuffle_i32x4::<0x44>(quads[0][h], quads[1][h]);
+        let high01 = _mm512_shuffle_i32x4::<0x44>(quads[2][h], quads[3][h]);
+        let low23 = _mm512_shuffle_i32x4::<0xEE>(quads[0][h], quads[1][h]);
+        let high23 = _mm512_shuffle_i32x4::<0xEE>(quads[2][h], quads[3][h]);
+        out[4 * h] = _mm512_shuffle_i32x4::<0x88>(low01, high01);
+        out[4 * h + 1] = _mm512_shuffle_i32x4::<0xDD>(low01, high01);
+        out[4 * h + 2] = _mm512_shuffle_i32x4::<0x88>(low23, high23);
+        out[4 * h + 3] = _mm512_shuffle_i32x4::<0xDD>(low23, high23);
     }
+    out.map(|v| _mm512_xor_si512(v, offset))
 }
 
+/// 64 bytes at `at`, asking for the line a few rows on as well (rows
+/// are too short for the hardware prefetcher to ramp up within one).
+///
 /// # Safety
-/// The CPU must support AVX-512 F, BW, VL and VNNI, AVX2 and FMA.
+/// 64 bytes must be readable at `at`.
+#[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
-pub(super) unsafe fn nibbles_q8<const N: usize>(row: Row<'_>, xs: [Q8Block<'_>; N]) -> [f32; N] {
-    assert!(row.mins.len() == row.scales.len());
-    let dots = scaled_dots_q8::<N, false>(row, xs);
-    std::array::from_fn(|t| dots[t] + dot(row.mins, xs[t].sums))
-}
-
-/// # Safety
-/// The CPU must support AVX-512 F, BW, VL and VNNI, AVX2 and FMA.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
-pub(super) unsafe fn int8_q8<const N: usize>(row: Row<'_>, xs: [Q8Block<'_>; N]) -> [f32; N] {
-    scaled_dots_q8::<N, true>(row, xs)
+unsafe fn load_ahead(at: *const u8) -> __m512i {
+    prefetch_ahead(at);
+    // SAFETY: the caller guarantees the bytes.
+    unsafe { _mm512_loadu_si512(at as *const __m512i) }
 }

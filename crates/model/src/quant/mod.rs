@@ -580,9 +580,85 @@ struct Q8Block<'a> {
     sums: &'a [f32],
 }
 
+/// Blocks of 8-bit activations that AVX-512's kernels sum side by side, one
+/// to each 32-bit lane of a register.
+const GROUP: usize = 16;
+
+/// How a token's rounded blocks lie in memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Q8Order {
+    /// Block after block, each in the order its weights' layout meets them
+    /// ([`q8_element`]); a scale and a sum per block.
+    Blocks,
+    /// AVX-512's: whole groups of [`GROUP`] blocks, four bytes of each block
+    /// in turn (vector `c` of a group's eight 64-byte vectors holds
+    /// positions `4c..4c + 4` of every block, block `i` in lane `i`), with a
+    /// scale and a sum per block; then the blocks left over, block after
+    /// block, two to a vector, each with its scale eight times and its sum
+    /// spread over eight lanes (an eighth in each).
+    Grouped,
+}
+
+impl Q8Order {
+    /// The order `kernel` reads.
+    fn of(kernel: Kernel) -> Self {
+        match kernel {
+            Kernel::Avx512 => Self::Grouped,
+            _ => Self::Blocks,
+        }
+    }
+
+    /// Blocks of a row of `blocks` that go in whole groups.
+    fn grouped(self, blocks: usize) -> usize {
+        match self {
+            Self::Blocks => 0,
+            Self::Grouped => blocks / GROUP * GROUP,
+        }
+    }
+
+    /// Lanes that hold the scale (and a share of the sum) of each block
+    /// outside whole groups.
+    fn spread(self) -> usize {
+        match self {
+            Self::Blocks => 1,
+            Self::Grouped => 8,
+        }
+    }
+
+    /// Scales (and sums) a token of `blocks` blocks takes.
+    fn slots(self, blocks: usize) -> usize {
+        let grouped = self.grouped(blocks);
+        grouped + (blocks - grouped) * self.spread()
+    }
+
+    /// How many lanes hold block `b`'s scale.
+    fn copies(self, blocks: usize, b: usize) -> usize {
+        if b < self.grouped(blocks) {
+            1
+        } else {
+            self.spread()
+        }
+    }
+
+    /// Where block `b` of `blocks` lies in a token: its first byte, the step
+    /// between its four-byte pieces, and its first scale slot.
+    fn place(self, blocks: usize, b: usize) -> (usize, usize, usize) {
+        let grouped = self.grouped(blocks);
+        if b < grouped {
+            let start = (b / GROUP) * GROUP * BLOCK + (b % GROUP) * 4;
+            (start, GROUP * 4, b)
+        } else {
+            let slot = grouped + (b - grouped) * self.copies(blocks, b);
+            (b * BLOCK, 4, slot)
+        }
+    }
+}
+
 /// Activations of one matmul rounded to 8 bits, all tokens, each block's
-/// integers in the order the weights' layout meets them.
+/// integers in the order the weights' layout meets them, the blocks in the
+/// order the kernel reads them.
 struct Q8Activations {
+    order: Q8Order,
     quants: Vec<i8>,
     scales: Vec<f32>,
     sums: Vec<f32>,
@@ -592,75 +668,96 @@ struct Q8Activations {
 impl Q8Activations {
     /// Rounds each 32-block of `x` to `d * q`, `d = max|x| / 127`, `q` in
     /// -127..=127 (llama.cpp's Q8_1, with its scales kept in f32), for
-    /// weights in `layout`. On x86-64 the x86 kernels' loop is built for
-    /// AVX2, where rounding is an instruction rather than a call to `roundf`
-    /// per element; the results are the same.
+    /// weights in `layout` and the order `kernel` reads. On x86-64 the x86
+    /// kernels' loop is built for AVX2, where rounding is an instruction
+    /// rather than a call to `roundf` per element; the results are the same.
     fn quantize(x: &[f32], cols: usize, layout: QuantLayout, kernel: Kernel) -> Self {
+        let order = Q8Order::of(kernel);
         #[cfg(target_arch = "x86_64")]
         if kernel.has_avx2() {
             // SAFETY: `has_avx2`.
-            return unsafe { Self::quantize_avx2(x, cols, layout) };
+            return unsafe { Self::quantize_avx2(x, cols, layout, order) };
         }
-        let _ = kernel;
-        Self::quantize_blocks(x, cols, layout)
+        Self::quantize_blocks(x, cols, layout, order)
     }
 
     /// # Safety
     /// The CPU must support AVX2 and FMA.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn quantize_avx2(x: &[f32], cols: usize, layout: QuantLayout) -> Self {
-        Self::quantize_blocks(x, cols, layout)
+    unsafe fn quantize_avx2(x: &[f32], cols: usize, layout: QuantLayout, order: Q8Order) -> Self {
+        Self::quantize_blocks(x, cols, layout, order)
     }
 
     #[inline(always)]
-    fn quantize_blocks(x: &[f32], cols: usize, layout: QuantLayout) -> Self {
-        let n_blocks = x.len() / BLOCK;
+    fn quantize_blocks(x: &[f32], cols: usize, layout: QuantLayout, order: Q8Order) -> Self {
+        let blocks = cols / BLOCK;
+        let slots = order.slots(blocks);
+        let tokens = x.len() / cols;
         let mut out = Self {
-            quants: vec![0; n_blocks * BLOCK],
-            scales: Vec::with_capacity(n_blocks),
-            sums: Vec::with_capacity(n_blocks),
+            order,
+            quants: vec![0; x.len()],
+            scales: vec![0.0; tokens * slots],
+            sums: vec![0.0; tokens * slots],
             cols,
         };
-        let order: [usize; BLOCK] = std::array::from_fn(|p| q8_element(layout, p));
-        for (block, quants) in x
-            .chunks_exact(BLOCK)
-            .zip(out.quants.chunks_exact_mut(BLOCK))
-        {
+        let element: [usize; BLOCK] = std::array::from_fn(|p| q8_element(layout, p));
+        for (i, block) in x.chunks_exact(BLOCK).enumerate() {
+            let (t, b) = (i / blocks, i % blocks);
             let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
             let d = amax / 127.0;
             let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
             let mut sum = 0i32;
-            for (q, &i) in quants.iter_mut().zip(&order) {
+            let mut quants = [0i8; BLOCK];
+            for (q, &e) in quants.iter_mut().zip(&element) {
                 // In range by construction; `as` saturates a NaN input to 0.
-                *q = (block[i] * inv).round() as i8;
+                *q = (block[e] * inv).round() as i8;
                 sum += i32::from(*q);
             }
-            out.scales.push(d);
-            out.sums.push(d * sum as f32);
+            let (start, step, slot) = order.place(blocks, b);
+            let token = &mut out.quants[t * cols..(t + 1) * cols];
+            for (c, piece) in quants.chunks_exact(4).enumerate() {
+                token[start + c * step..][..4].copy_from_slice(piece);
+            }
+            // An eighth is exact, so eight lanes sum back to the block's sum.
+            let copies = order.copies(blocks, b);
+            let at = t * slots + slot;
+            out.scales[at..at + copies].fill(d);
+            out.sums[at..at + copies].fill(d * sum as f32 / copies as f32);
         }
         out
     }
 
-    /// The rounded activations as f32, in element order, from their order
-    /// for `layout`.
+    /// Each block's rounded activations as f32, in element order, with its
+    /// scale and sum, from any order.
     #[cfg(test)]
-    fn dequantize(&self, layout: QuantLayout) -> Vec<f32> {
-        let mut out = vec![0f32; self.quants.len()];
-        for (b, block) in self.quants.chunks_exact(BLOCK).enumerate() {
-            for (p, &q) in block.iter().enumerate() {
-                out[b * BLOCK + q8_element(layout, p)] = self.scales[b] * f32::from(q);
+    fn dequantize(&self, layout: QuantLayout) -> Vec<(Vec<f32>, f32, f32)> {
+        let blocks = self.cols / BLOCK;
+        let tokens = self.quants.len() / self.cols;
+        let mut out = Vec::new();
+        for t in 0..tokens {
+            let token = self.token(t);
+            for b in 0..blocks {
+                let (start, step, slot) = self.order.place(blocks, b);
+                let copies = self.order.copies(blocks, b) as f32;
+                let (d, sum) = (token.scales[slot], token.sums[slot] * copies);
+                let mut values = vec![0f32; BLOCK];
+                for p in 0..BLOCK {
+                    let q = token.quants[start + (p / 4) * step + p % 4];
+                    values[q8_element(layout, p)] = d * f32::from(q);
+                }
+                out.push((values, d, sum));
             }
         }
         out
     }
 
     fn token(&self, t: usize) -> Q8Block<'_> {
-        let nb = self.cols / BLOCK;
+        let n = self.order.slots(self.cols / BLOCK);
         Q8Block {
             quants: &self.quants[t * self.cols..(t + 1) * self.cols],
-            scales: &self.scales[t * nb..(t + 1) * nb],
-            sums: &self.sums[t * nb..(t + 1) * nb],
+            scales: &self.scales[t * n..(t + 1) * n],
+            sums: &self.sums[t * n..(t + 1) * n],
         }
     }
 
@@ -893,8 +990,11 @@ mod tests {
 
     #[test]
     fn q8_kernels_are_exact_on_integer_data() {
-        let (rows, cols) = (19, 256);
-        for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
+        // 18 blocks: one whole group of AVX-512's and two left over.
+        for (dtype, (rows, cols)) in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0]
+            .into_iter()
+            .flat_map(|d| [(d, (19, 256)), (d, (7, 576))])
+        {
             let (m, x) = integer_case(dtype, rows, cols);
             let w = m.dequantize();
             let tokens = 13;
@@ -920,13 +1020,19 @@ mod tests {
 
     #[test]
     fn q8_matmul_is_the_product_with_rounded_activations() {
-        let (rows, cols) = (37, 160);
-        for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
+        // 5 blocks (less than a group of AVX-512's) and 33 (two and one).
+        for (dtype, (rows, cols)) in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0]
+            .into_iter()
+            .flat_map(|d| [(d, (37, 160)), (d, (5, 1056))])
+        {
             let (m, w) = quantized(dtype, rows, cols);
             for tokens in [1, 4, 6, 13] {
                 let x = random(tokens, cols, 5);
-                let rounded = Q8Activations::quantize(&x, cols, m.layout, Kernel::Scalar)
-                    .dequantize(m.layout);
+                let rounded: Vec<f32> = Q8Activations::quantize(&x, cols, m.layout, Kernel::Scalar)
+                    .dequantize(m.layout)
+                    .into_iter()
+                    .flat_map(|(values, _, _)| values)
+                    .collect();
                 let want = reference(&w, &rounded, rows, cols, tokens);
                 let exact = reference(&w, &x, rows, cols, tokens);
                 for kernel in Kernel::supported() {
@@ -959,18 +1065,31 @@ mod tests {
             .collect();
         x.extend(random(3, BLOCK, 17));
         x.extend([f32::NAN; BLOCK]);
-        for layout in [QuantLayout::Nibbles, QuantLayout::Int8] {
-            let want = Q8Activations::quantize(&x, BLOCK, layout, Kernel::Scalar);
+        x.extend(random(13, BLOCK, 19));
+        // 18 blocks as 18 tokens, and as one token (a whole group of
+        // AVX-512's and two blocks left over).
+        for (layout, cols) in [QuantLayout::Nibbles, QuantLayout::Int8]
+            .into_iter()
+            .flat_map(|l| [(l, BLOCK), (l, x.len())])
+        {
+            let want = Q8Activations::quantize(&x, cols, layout, Kernel::Scalar);
             if layout == QuantLayout::Int8 {
                 // -12.5, as `f32::round` and llama.cpp's reference round it.
                 assert_eq!(want.quants[3], -13);
             }
             for kernel in Kernel::supported() {
-                let got = Q8Activations::quantize(&x, BLOCK, layout, kernel);
-                assert_eq!(got.quants, want.quants, "{kernel:?}");
-                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-                assert_eq!(bits(&got.scales), bits(&want.scales), "{kernel:?}");
-                assert_eq!(bits(&got.sums), bits(&want.sums), "{kernel:?}");
+                let got = Q8Activations::quantize(&x, cols, layout, kernel);
+                let bits = |v: Vec<(Vec<f32>, f32, f32)>| {
+                    v.into_iter()
+                        .flat_map(|(values, d, sum)| values.into_iter().chain([d, sum]))
+                        .map(f32::to_bits)
+                        .collect::<Vec<_>>()
+                };
+                assert_eq!(
+                    bits(got.dequantize(layout)),
+                    bits(want.dequantize(layout)),
+                    "{kernel:?}"
+                );
             }
         }
     }
