@@ -4,6 +4,12 @@
 //! A bootstrap peer, the servers and the client run in this process over real
 //! libp2p connections on 127.0.0.1; every server shares this machine's cores,
 //! so the figures price the protocol and routing, not extra hardware.
+//!
+//! A shared machine's speed drifts by more than the gap being measured
+//! (10-20% between runs a minute apart on a 2-core VM), so every setup runs
+//! several rounds, each swarm's runs alternating with runs of the local
+//! model, and the tables give medians: a swarm's ratio is to the local runs
+//! interleaved with it.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -13,6 +19,7 @@ use clap::Args;
 use model::{GenerationRequest, LocalBlocks, SamplingParams};
 use server::{Server, ServerConfig, SpanChoice};
 
+use crate::bench::median;
 use crate::local::ModelArgs;
 use crate::swarm_cmd::split;
 
@@ -30,17 +37,22 @@ pub struct SwarmBench {
     /// Swarm sizes to time, each splitting the blocks evenly.
     #[arg(long, value_delimiter = ',', default_value = "1,2,3")]
     servers: Vec<usize>,
+    /// Timed runs of each setup (after one warm-up); medians are reported.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
     /// Where to write the results.
     #[arg(long, default_value = "bench-swarm.json")]
     json: PathBuf,
 }
 
-/// Decode speed and time to first token of one configuration.
+/// Decode speed and time to first token of one configuration (medians),
+/// and the local model's decode speed in the runs interleaved with it.
 #[derive(Debug, Clone, serde::Serialize)]
 struct Row {
     setup: String,
     decode_tokens_per_s: f64,
     time_to_first_token_ms: f64,
+    local_decode_tokens_per_s: f64,
 }
 
 /// Aggregate throughput of concurrent clients.
@@ -72,17 +84,23 @@ impl SwarmBench {
 
         let options = self.model.options()?;
         let local = ckpt.load_local(&options, &mut |_, _| {})?;
-        let mut rows = Vec::new();
-        let g = model::generate(
-            &local.embedding,
-            &local.head,
-            &mut LocalBlocks::new(&local.span, 4096),
-            &tokenizer,
-            &req,
-            &mut |_| true,
-        )?;
-        rows.push(row("local (one process)", &g));
-        drop(local);
+        let rounds = self.rounds.max(1);
+        let run_local = || {
+            model::generate(
+                &local.embedding,
+                &local.head,
+                &mut LocalBlocks::new(&local.span, 4096),
+                &tokenizer,
+                &req,
+                &mut |_| true,
+            )
+        };
+        run_local()?;
+        let mut local_runs = Vec::new();
+        for _ in 0..rounds {
+            local_runs.push(run_local()?);
+        }
+        let mut rows = vec![row("local (one process)", &local_runs, &local_runs)];
 
         let runtime = tokio::runtime::Runtime::new()?;
         let boot = runtime.block_on(p2p::testing::local_node(None));
@@ -122,39 +140,58 @@ impl SwarmBench {
                 .map(|(a, b)| format!("{a}:{b}"))
                 .collect::<Vec<_>>()
                 .join(" + ");
-            if n > 1 {
-                // The baseline for servers pushing to each other: every
-                // hop's outputs return to the client, which sends them on.
-                remote.set_push(false);
-                let g = remote.generate(handle, &req, &mut |_| true)?;
-                rows.push(row(&format!("{n} server(s), client relays"), &g));
-                remote.set_push(true);
+            // Servers pushing to each other, and (the baseline for that) every
+            // hop's outputs returning to the client, which sends them on.
+            let modes: &[bool] = if n > 1 { &[false, true] } else { &[true] };
+            let mut runs = vec![Vec::new(); modes.len()];
+            let mut local_runs = Vec::new();
+            for _ in 0..rounds {
+                local_runs.push(run_local()?);
+                for (&push, runs) in modes.iter().zip(&mut runs) {
+                    remote.set_push(push);
+                    runs.push(remote.generate(handle, &req, &mut |_| true)?);
+                }
             }
-            let g = remote.generate(handle, &req, &mut |_| true)?;
-            rows.push(row(&format!("{n} server(s): {label}"), &g));
+            for (&push, runs) in modes.iter().zip(&runs) {
+                let setup = if push {
+                    format!("{n} server(s): {label}")
+                } else {
+                    format!("{n} server(s), client relays")
+                };
+                rows.push(row(&setup, runs, &local_runs));
+            }
             if n == largest {
-                for &clients in &self.clients {
-                    let batches_before = batch_totals(&servers);
-                    let start = Instant::now();
-                    let tokens: usize = std::thread::scope(|s| {
-                        let runs: Vec<_> = (0..clients)
-                            .map(|_| s.spawn(|| remote.generate(handle, &req, &mut |_| true)))
-                            .collect();
-                        runs.into_iter()
-                            .map(|r| match r.join() {
-                                Ok(Ok(g)) => Ok(g.token_ids.len()),
-                                Ok(Err(e)) => Err(anyhow::Error::from(e)),
-                                Err(_) => Err(anyhow::anyhow!("a client thread panicked")),
-                            })
-                            .sum::<Result<usize>>()
-                    })?;
-                    let elapsed = start.elapsed().as_secs_f64();
-                    let (steps, passes) = batch_totals(&servers);
+                let mut rates = vec![Vec::new(); self.clients.len()];
+                let mut batches = vec![(0.0, 0.0); self.clients.len()];
+                for _ in 0..rounds {
+                    for (i, &clients) in self.clients.iter().enumerate() {
+                        let before = batch_totals(&servers);
+                        let start = Instant::now();
+                        let tokens: usize = std::thread::scope(|s| {
+                            let runs: Vec<_> = (0..clients)
+                                .map(|_| s.spawn(|| remote.generate(handle, &req, &mut |_| true)))
+                                .collect();
+                            runs.into_iter()
+                                .map(|r| match r.join() {
+                                    Ok(Ok(g)) => Ok(g.token_ids.len()),
+                                    Ok(Err(e)) => Err(anyhow::Error::from(e)),
+                                    Err(_) => Err(anyhow::anyhow!("a client thread panicked")),
+                                })
+                                .sum::<Result<usize>>()
+                        })?;
+                        rates[i].push(tokens as f64 / start.elapsed().as_secs_f64());
+                        let after = batch_totals(&servers);
+                        batches[i].0 += after.0 - before.0;
+                        batches[i].1 += after.1 - before.1;
+                    }
+                }
+                for ((&clients, rates), (steps, passes)) in
+                    self.clients.iter().zip(rates).zip(batches)
+                {
                     concurrency.push(ConcurrencyRow {
                         clients,
-                        aggregate_tokens_per_s: tokens as f64 / elapsed,
-                        mean_batch: (steps - batches_before.0)
-                            / (passes - batches_before.1).max(1.0),
+                        aggregate_tokens_per_s: median(rates),
+                        mean_batch: steps / f64::max(passes, 1.0),
                     });
                 }
             }
@@ -168,7 +205,10 @@ impl SwarmBench {
         }
         runtime.block_on(boot.shutdown());
 
-        let base = rows[0].decode_tokens_per_s;
+        println!(
+            "{rounds} round(s) of {} tokens, medians; x local: to the local runs interleaved with each swarm's",
+            self.tokens
+        );
         println!("| setup | decode tok/s | x local | time to first token ms |");
         println!("|---|---|---|---|");
         for r in &rows {
@@ -176,7 +216,7 @@ impl SwarmBench {
                 "| {} | {:.1} | {:.2} | {:.0} |",
                 r.setup,
                 r.decode_tokens_per_s,
-                r.decode_tokens_per_s / base,
+                r.decode_tokens_per_s / r.local_decode_tokens_per_s,
                 r.time_to_first_token_ms
             );
         }
@@ -198,6 +238,7 @@ impl SwarmBench {
         }
         let json = serde_json::json!({
             "tokens": self.tokens,
+            "rounds": rounds,
             "device": format!("{:?}", options.device.location()),
             "precision": format!("{:?}", options.precision),
             "prompt_tokens": req.prompt_ids.len(),
@@ -228,11 +269,26 @@ fn batch_totals(servers: &[(Server, p2p::NodeHandle)]) -> (f64, f64) {
     totals
 }
 
-fn row(setup: &str, g: &model::Generation) -> Row {
-    let decoded = g.token_ids.len().saturating_sub(1) as f64;
+/// Medians of `runs`, beside the median of the `local` runs interleaved with them.
+fn row(setup: &str, runs: &[model::Generation], local: &[model::Generation]) -> Row {
+    let decode = |runs: &[model::Generation]| {
+        median(
+            runs.iter()
+                .map(|g| {
+                    let decoded = g.token_ids.len().saturating_sub(1) as f64;
+                    decoded / g.decode_time.as_secs_f64().max(1e-9)
+                })
+                .collect(),
+        )
+    };
     Row {
         setup: setup.into(),
-        decode_tokens_per_s: decoded / g.decode_time.as_secs_f64().max(1e-9),
-        time_to_first_token_ms: g.prefill_time.as_secs_f64() * 1e3,
+        decode_tokens_per_s: decode(runs),
+        time_to_first_token_ms: median(
+            runs.iter()
+                .map(|g| g.prefill_time.as_secs_f64() * 1e3)
+                .collect(),
+        ),
+        local_decode_tokens_per_s: decode(local),
     }
 }
