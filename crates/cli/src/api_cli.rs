@@ -39,11 +39,13 @@ impl ApiArgs {
     pub fn run(self) -> Result<()> {
         // The model is opened before the runtime starts: ModelArgs sets the
         // compute thread count, which must happen while this is the only thread.
-        let (backend, runtime): (Arc<dyn Backend>, _) = if self.swarm.remote() {
+        // `_identity`: the client's named identity, held while the api runs.
+        let (backend, runtime, _identity): (Arc<dyn Backend>, _, _) = if self.swarm.remote() {
             let checkpoint = self.model.open()?;
             let runtime = tokio::runtime::Runtime::new()?;
             let max_length = checkpoint.config().max_position_embeddings as u32;
-            let remote = runtime.block_on(self.swarm.connect(&checkpoint, max_length))?;
+            let (remote, identity) =
+                runtime.block_on(self.swarm.connect(&checkpoint, max_length))?;
             let mut backend = SwarmBackend::new(remote, runtime.handle().clone());
             if let (Some(subnet), Some(rpc)) = (self.subnet, &self.chain_rpc) {
                 let ledger = runtime
@@ -51,10 +53,9 @@ impl ApiArgs {
                     .with_context(|| format!("cannot reach the chain at {rpc}"))?;
                 backend = backend.with_chain(ledger, subnet);
             }
-            let backend = Arc::new(backend);
-            (backend, runtime)
+            (Arc::new(backend), runtime, identity)
         } else {
-            (self.local_backend()?, tokio::runtime::Runtime::new()?)
+            (self.local_backend()?, tokio::runtime::Runtime::new()?, None)
         };
         runtime.block_on(async move {
             let listener = tokio::net::TcpListener::bind(self.listen)

@@ -100,7 +100,7 @@ impl ModelArgs {
         if swarm.remote() {
             let runtime = tokio::runtime::Runtime::new()?;
             let max_length = ckpt.config().max_position_embeddings;
-            let model = runtime.block_on(swarm.connect(&ckpt, max_length as u32))?;
+            let (model, identity) = runtime.block_on(swarm.connect(&ckpt, max_length as u32))?;
             return Ok(Loaded {
                 max_length: model.max_length(),
                 tokenizer: model.tokenizer().clone(),
@@ -108,6 +108,7 @@ impl ModelArgs {
                 blocks: Blocks::Swarm {
                     model: Box::new(model),
                     runtime,
+                    _identity: identity,
                 },
             });
         }
@@ -146,6 +147,8 @@ pub enum Blocks {
     Swarm {
         model: Box<client::RemoteModel>,
         runtime: tokio::runtime::Runtime,
+        /// The client's named identity, held while the model is.
+        _identity: Option<p2p::identity::Claim>,
     },
 }
 
@@ -178,7 +181,7 @@ impl Loaded {
                 &req,
                 &mut print,
             )?,
-            Blocks::Swarm { model, runtime } => {
+            Blocks::Swarm { model, runtime, .. } => {
                 model.generate(runtime.handle(), &req, &mut print)?
             }
         };

@@ -116,12 +116,13 @@ impl SwarmArgs {
 
     /// Joins the swarm (with a throwaway identity unless one is given:
     /// clients need no reputation) and loads the client's half of
-    /// `checkpoint`.
+    /// `checkpoint`; a given identity stays claimed while the returned
+    /// claim lives.
     pub async fn connect(
         &self,
         checkpoint: &model::Checkpoint,
         max_length: u32,
-    ) -> Result<client::RemoteModel> {
+    ) -> Result<(client::RemoteModel, Option<Claim>)> {
         let mut config = NodeConfig {
             initial_peers: self.initial_peers.clone(),
             // A client relays nothing and serves no DHT records.
@@ -134,8 +135,16 @@ impl SwarmArgs {
                 .with_context(|| format!("reading swarm key {}", file.display()))?;
             config.psk = Some(p2p::parse_psk(&text)?);
         }
-        let key = match &self.client_identity {
-            Some(path) => p2p::identity::load_or_generate(path)?,
+        // A named identity is held, as a server's is: two clients under one
+        // peer id would shadow each other (a gateway's id is registered).
+        let claim = match &self.client_identity {
+            Some(path) => Some(p2p::identity::claim(path).with_context(|| {
+                format!("cannot run as {} (--client-identity)", path.display())
+            })?),
+            None => None,
+        };
+        let key = match &claim {
+            Some(claim) => claim.key().clone(),
             None => p2p::Keypair::generate_ed25519(),
         };
         let node = Node::start(key, config).await?;
@@ -145,7 +154,8 @@ impl SwarmArgs {
             max_length,
             ..client::SessionConfig::default()
         };
-        Ok(client::RemoteModel::load(checkpoint, view, session)?)
+        let model = client::RemoteModel::load(checkpoint, view, session)?;
+        Ok((model, claim))
     }
 }
 

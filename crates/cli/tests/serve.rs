@@ -118,6 +118,16 @@ fn two_server_processes_cover_a_model() {
     assert!(!twin.status.success());
     let err = String::from_utf8_lossy(&twin.stderr);
     assert!(err.contains("in use by another running peer"), "{err}");
+    // So would a client that names the file as its identity.
+    let client = hypertensor(dir.path())
+        .args(["generate", "--model", m, "--prompt", "Hi"])
+        .args(["--client-identity", &key("a.key")])
+        .args(["--initial-peers", &addr.to_string()])
+        .output()
+        .unwrap();
+    assert!(!client.status.success());
+    let err = String::from_utf8_lossy(&client.stderr);
+    assert!(err.contains("in use by another running peer"), "{err}");
     let (_second, serving, _) = serve(
         dir.path(),
         &[
