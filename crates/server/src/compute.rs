@@ -64,12 +64,16 @@ pub(crate) struct Compute {
 impl Compute {
     /// Starts the worker; `batching` off runs every step alone (for
     /// measuring what batching gains). Each pass's step count goes to
-    /// `batch_sizes`.
-    pub(crate) fn start(batching: bool, batch_sizes: Histogram) -> Self {
+    /// `batch_sizes`, and each step's wait for its pass to `queue_waits`.
+    pub(crate) fn start(batching: bool, batch_sizes: Histogram, queue_waits: Histogram) -> Self {
         let (messages, rx) = mpsc::channel();
+        let metrics = WorkerMetrics {
+            batch_sizes,
+            queue_waits,
+        };
         std::thread::Builder::new()
             .name("compute".into())
-            .spawn(move || worker(&rx, batching, &batch_sizes))
+            .spawn(move || worker(&rx, batching, &metrics))
             .expect("spawning the compute thread");
         Self {
             messages,
@@ -124,7 +128,24 @@ impl Drop for SessionCompute {
     }
 }
 
-fn worker(rx: &mpsc::Receiver<Message>, batching: bool, batch_sizes: &Histogram) {
+/// What the worker observes.
+struct WorkerMetrics {
+    batch_sizes: Histogram,
+    queue_waits: Histogram,
+}
+
+impl WorkerMetrics {
+    /// A pass of `jobs` starts now.
+    fn pass(&self, jobs: &[Job]) {
+        self.batch_sizes.observe(jobs.len() as f64);
+        for job in jobs {
+            self.queue_waits
+                .observe(job.queued_at.elapsed().as_secs_f64());
+        }
+    }
+}
+
+fn worker(rx: &mpsc::Receiver<Message>, batching: bool, metrics: &WorkerMetrics) {
     let mut gather = Gather::default();
     let mut jobs = Vec::new();
     while let Ok(first) = rx.recv() {
@@ -164,7 +185,7 @@ fn worker(rx: &mpsc::Receiver<Message>, batching: bool, batch_sizes: &Histogram)
             }
         }
         for (key, group) in groups {
-            batch_sizes.observe(group.len() as f64);
+            metrics.pass(&group);
             if group.len() == 1 {
                 let start = Instant::now();
                 group.into_iter().for_each(run_one);
@@ -174,7 +195,7 @@ fn worker(rx: &mpsc::Receiver<Message>, batching: bool, batch_sizes: &Histogram)
             }
         }
         for job in singles {
-            batch_sizes.observe(1.0);
+            metrics.pass(std::slice::from_ref(&job));
             run_one(job);
         }
     }

@@ -67,6 +67,8 @@ pub(crate) struct ServerMetrics {
     step_duration: Histogram,
     /// Steps per compute pass; the compute worker observes it.
     pub(crate) batch_sizes: Histogram,
+    /// How long each step waited for the compute worker; it observes it.
+    pub(crate) queue_waits: Histogram,
     errors: Family<CodeLabels, Counter>,
     pushes: Family<OutcomeLabels, Counter>,
     cache_tokens_left: Gauge,
@@ -90,6 +92,8 @@ impl ServerMetrics {
             step_duration: Histogram::new(exponential_buckets(0.0005, 2.0, 15)),
             // 1 to 128 steps a pass.
             batch_sizes: Histogram::new(exponential_buckets(1.0, 2.0, 8)),
+            // 10 us (an idle worker) to ~5 s (a long queue).
+            queue_waits: Histogram::new(exponential_buckets(0.00001, 2.0, 20)),
             errors: Family::default(),
             pushes: Family::default(),
             cache_tokens_left: Gauge::default(),
@@ -120,8 +124,16 @@ impl ServerMetrics {
         );
         r.register(
             "compute_duration_seconds",
-            "Time to run one step or pass through the hosted blocks",
+            "Time from a computation's arrival at the compute worker to its \
+             result: the queue wait (queue_wait_seconds) and the run through \
+             the hosted blocks",
             m.step_duration.clone(),
+        );
+        r.register(
+            "queue_wait_seconds",
+            "Time a session step waited for the compute worker: behind other \
+             passes, or held for a batch",
+            m.queue_waits.clone(),
         );
         r.register(
             "batch_size",
@@ -223,6 +235,7 @@ mod tests {
         m.computed("step", 7, Instant::now());
         m.error(ErrorCode::BadShape);
         m.batch_sizes.observe(3.0);
+        m.queue_waits.observe(0.002);
         let text = m.encode(40, Span { start: 3, end: 9 });
         for line in [
             "hypertensor_server_sessions_opened_total 1",
@@ -231,6 +244,7 @@ mod tests {
             "hypertensor_server_tokens_total 7",
             "hypertensor_server_compute_duration_seconds_count 1",
             "hypertensor_server_batch_size_sum 3.0",
+            "hypertensor_server_queue_wait_seconds_count 1",
             r#"hypertensor_server_errors_total{code="BadShape"} 1"#,
             "hypertensor_server_cache_tokens_left 40",
             "hypertensor_server_cache_tokens 100",

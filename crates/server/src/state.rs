@@ -60,7 +60,11 @@ impl Shared {
             model_id: config.model_id.clone(),
             hidden: span.config().hidden_size,
             budget: CacheBudget::new(limits.cache_tokens),
-            compute: Compute::start(config.batching, metrics.batch_sizes.clone()),
+            compute: Compute::start(
+                config.batching,
+                metrics.batch_sizes.clone(),
+                metrics.queue_waits.clone(),
+            ),
             metrics,
             corrupt,
             gate: config.gate.clone(),
