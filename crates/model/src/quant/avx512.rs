@@ -2,7 +2,8 @@
 //!
 //! Against 8-bit activations, `vpdpbusd` multiplies and sums four byte pairs
 //! into each 32-bit lane in one instruction, where AVX2 needs two
-//! (`maddubs`, then `madd` against ones), and blocks go two to a register.
+//! (`maddubs`, then `madd` against ones), and sixteen blocks share a register,
+//! a lane each.
 //!
 //! Against f32 activations only nibble blocks have a kernel here, a table
 //! lookup, and [`super::QuantMatrix`] uses it only on rows of up to 1024
@@ -284,24 +285,10 @@ unsafe fn nibble_group(q: *const u8) -> [__m512i; 8] {
     // Dwords j and j + 1 of blocks 0-7 (from z0, z1) and of 8-15 (z2, z3),
     // four blocks to each 128-bit quarter; then quarters regrouped by dword.
     let pick = |j: i32| {
-        _mm512_set_epi32(
-            17 + j + 12,
-            17 + j + 8,
-            17 + j + 4,
-            17 + j,
-            1 + j + 12,
-            1 + j + 8,
-            1 + j + 4,
-            1 + j,
-            16 + j + 12,
-            16 + j + 8,
-            16 + j + 4,
-            16 + j,
-            j + 12,
-            j + 8,
-            j + 4,
-            j,
-        )
+        lanes(|lane| {
+            let (quarter, b) = (lane / 4, lane % 4);
+            (quarter % 2) * 16 + quarter / 2 + j + 4 * b
+        })
     };
     let mut dwords = [_mm512_setzero_si512(); 4];
     for j in [0, 2] {
@@ -335,17 +322,12 @@ unsafe fn int8_group(q: *const u8) -> [__m512i; 8] {
     // Blocks 4n..4n + 4 (from z[2n], z[2n + 1]) at dwords 4h..4h + 4: quarter
     // k of `quads[n][h]` holds the four blocks' dword 4h + k.
     let pick = |h: i32| {
-        std::array::from_fn::<i32, 16, _>(|lane| {
-            let (k, b) = (lane as i32 / 4, lane as i32 % 4);
+        lanes(|lane| {
+            let (k, b) = (lane / 4, lane % 4);
             (b / 2) * 16 + 8 * (b % 2) + 4 * h + k
         })
     };
-    let index = |h: i32| {
-        let p = pick(h);
-        // SAFETY: 16 i32s.
-        unsafe { _mm512_loadu_si512(p.as_ptr() as *const __m512i) }
-    };
-    let (first, second) = (index(0), index(1));
+    let (first, second) = (pick(0), pick(1));
     let quads: [[__m512i; 2]; 4] = std::array::from_fn(|n| {
         [
             _mm512_permutex2var_epi32(z[2 * n], first, z[2 * n + 1]),
@@ -367,6 +349,15 @@ unsafe fn int8_group(q: *const u8) -> [__m512i; 8] {
         out[4 * h + 3] = _mm512_shuffle_i32x4::<0xDD>(low23, high23);
     }
     out.map(|v| _mm512_xor_si512(v, offset))
+}
+
+/// Sixteen 32-bit lanes, lane `i` set to `f(i)` (a permutation's indices).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
+fn lanes(f: impl Fn(i32) -> i32) -> __m512i {
+    let v: [i32; 16] = std::array::from_fn(|i| f(i as i32));
+    // SAFETY: 16 i32s.
+    unsafe { _mm512_loadu_si512(v.as_ptr() as *const __m512i) }
 }
 
 /// 64 bytes at `at`, asking for the line a few rows on as well (rows
