@@ -167,18 +167,7 @@ impl SwarmBench {
                     for (i, &clients) in self.clients.iter().enumerate() {
                         let before = batch_totals(&servers);
                         let start = Instant::now();
-                        let tokens: usize = std::thread::scope(|s| {
-                            let runs: Vec<_> = (0..clients)
-                                .map(|_| s.spawn(|| remote.generate(handle, &req, &mut |_| true)))
-                                .collect();
-                            runs.into_iter()
-                                .map(|r| match r.join() {
-                                    Ok(Ok(g)) => Ok(g.token_ids.len()),
-                                    Ok(Err(e)) => Err(anyhow::Error::from(e)),
-                                    Err(_) => Err(anyhow::anyhow!("a client thread panicked")),
-                                })
-                                .sum::<Result<usize>>()
-                        })?;
+                        let tokens = concurrently(&remote, handle, &req, clients)?;
                         rates[i].push(tokens as f64 / start.elapsed().as_secs_f64());
                         let after = batch_totals(&servers);
                         batches[i].0 += after.0 - before.0;
@@ -250,6 +239,28 @@ impl SwarmBench {
         eprintln!("wrote {}", self.json.display());
         Ok(())
     }
+}
+
+/// Runs `clients` generations of `req` at once, each from a thread of its
+/// own; returns the tokens generated in all.
+fn concurrently(
+    remote: &client::RemoteModel,
+    handle: &tokio::runtime::Handle,
+    req: &GenerationRequest,
+    clients: usize,
+) -> Result<usize> {
+    std::thread::scope(|s| {
+        let runs: Vec<_> = (0..clients)
+            .map(|_| s.spawn(|| remote.generate(handle, req, &mut |_| true)))
+            .collect();
+        runs.into_iter()
+            .map(|r| match r.join() {
+                Ok(Ok(g)) => Ok(g.token_ids.len()),
+                Ok(Err(e)) => Err(anyhow::Error::from(e)),
+                Err(_) => Err(anyhow::anyhow!("a client thread panicked")),
+            })
+            .sum()
+    })
 }
 
 /// Session steps and compute passes so far, summed over `servers`, from
