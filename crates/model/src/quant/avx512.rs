@@ -14,7 +14,7 @@
 use std::arch::x86_64::*;
 
 use super::avx2::{nibbles_u8, prefetch_ahead};
-use super::{BLOCK, GROUP, Q8Block, Row};
+use super::{BLOCK, GROUP, Q8Block, Q8Order, Row};
 
 /// Sums a vector's lanes, always in the same order.
 #[inline]
@@ -119,8 +119,9 @@ pub(super) unsafe fn int8_q8<const N: usize>(row: Row<'_>, xs: [Q8Block<'_>; N])
 fn grouped_q8<const N: usize, const INT8: bool>(row: Row<'_>, xs: [Q8Block<'_>; N]) -> [f32; N] {
     let (nb, _) = row.checked_weights::<INT8>();
     assert!(INT8 || row.mins.len() == nb);
-    let whole = nb / GROUP * GROUP;
-    let slots = whole + (nb - whole) * 8;
+    // Where the rounding put each block: one layout, read the same here.
+    let order = Q8Order::Grouped;
+    let (whole, slots) = (order.grouped(nb), order.slots(nb));
     for x in &xs {
         assert!(x.quants.len() == nb * BLOCK);
         assert!(x.scales.len() == slots && x.sums.len() == slots);
@@ -132,12 +133,13 @@ fn grouped_q8<const N: usize, const INT8: bool>(row: Row<'_>, xs: [Q8Block<'_>; 
         unsafe { group_dots::<N, INT8>(row, &xs, first, &mut acc) };
     }
     for b in (whole..nb).step_by(2) {
+        let (_, _, slot) = order.place(nb, b);
         // SAFETY: as above, for block b and, where the row has it, b + 1.
         unsafe {
             if b + 1 < nb {
-                pair_dots::<N, INT8, true>(row, &xs, whole, b, &mut acc);
+                pair_dots::<N, INT8, true>(row, &xs, b, slot, &mut acc);
             } else {
-                pair_dots::<N, INT8, false>(row, &xs, whole, b, &mut acc);
+                pair_dots::<N, INT8, false>(row, &xs, b, slot, &mut acc);
             }
         }
     }
@@ -197,8 +199,8 @@ unsafe fn group_dots<const N: usize, const INT8: bool>(
 }
 
 /// Adds blocks `b` and `b + 1` (`BOTH`), or block `b` alone, left over after
-/// the row's `whole` grouped blocks, times each token's activations into
-/// `acc`: eight lanes a block.
+/// the row's whole groups, times each token's activations into `acc`: eight
+/// lanes a block, its scales and sums from `slot` on.
 ///
 /// # Safety
 /// The blocks must exist in `row` and in every token of `xs`.
@@ -207,8 +209,8 @@ unsafe fn group_dots<const N: usize, const INT8: bool>(
 unsafe fn pair_dots<const N: usize, const INT8: bool, const BOTH: bool>(
     row: Row<'_>,
     xs: &[Q8Block<'_>; N],
-    whole: usize,
     b: usize,
+    slot: usize,
     acc: &mut [__m512; N],
 ) {
     let bytes: __mmask64 = if BOTH { !0 } else { (1 << BLOCK) - 1 };
@@ -239,7 +241,6 @@ unsafe fn pair_dots<const N: usize, const INT8: bool, const BOTH: bool>(
         } else {
             spread(row.mins.as_ptr().add(b))
         };
-        let slot = whole + (b - whole) * 8;
         for t in 0..N {
             let x = _mm512_maskz_loadu_epi8(bytes, xs[t].quants.as_ptr().add(b * BLOCK));
             let isum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, x);

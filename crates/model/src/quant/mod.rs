@@ -648,8 +648,7 @@ impl Q8Order {
             let start = (b / GROUP) * GROUP * BLOCK + (b % GROUP) * 4;
             (start, GROUP * 4, b)
         } else {
-            let slot = grouped + (b - grouped) * self.copies(blocks, b);
-            (b * BLOCK, 4, slot)
+            (b * BLOCK, 4, grouped + (b - grouped) * self.spread())
         }
     }
 }
