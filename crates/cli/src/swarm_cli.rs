@@ -2,7 +2,7 @@
 //! block server.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -48,12 +48,7 @@ impl PeerArgs {
             Some(p) => p.clone(),
             None => model::cache_dir().join(default_identity),
         };
-        let claim = p2p::identity::claim(&path).with_context(|| {
-            format!(
-                "cannot run as {} (--identity FILE sets another key)",
-                path.display()
-            )
-        })?;
+        let claim = claim_identity(&path, "--identity FILE sets another key")?;
         let key = claim.key().clone();
         let mut config = NodeConfig {
             initial_peers: self.initial_peers.clone(),
@@ -64,13 +59,26 @@ impl PeerArgs {
         if !self.listen.is_empty() {
             config.listen = self.listen.clone();
         }
-        if let Some(file) = &self.swarm_key {
-            let text = std::fs::read_to_string(file)
-                .with_context(|| format!("reading swarm key {}", file.display()))?;
-            config.psk = Some(p2p::parse_psk(&text)?);
-        }
+        join_private_swarm(&mut config, self.swarm_key.as_deref())?;
         Ok((Node::start(key, config).await?, claim))
     }
+}
+
+/// Claims the identity key file at `path`; `hint` names the option that
+/// picks another.
+fn claim_identity(path: &Path, hint: &str) -> Result<Claim> {
+    p2p::identity::claim(path).with_context(|| format!("cannot run as {} ({hint})", path.display()))
+}
+
+/// Makes `config` join only the private swarm whose pre-shared key is in
+/// `file`, if one is given.
+fn join_private_swarm(config: &mut NodeConfig, file: Option<&Path>) -> Result<()> {
+    if let Some(file) = file {
+        let text = std::fs::read_to_string(file)
+            .with_context(|| format!("reading swarm key {}", file.display()))?;
+        config.psk = Some(p2p::parse_psk(&text)?);
+    }
+    Ok(())
 }
 
 /// The id a model goes by in the swarm: `explicit`, or the checkpoint's
@@ -130,17 +138,11 @@ impl SwarmArgs {
             dht_server: false,
             ..NodeConfig::default()
         };
-        if let Some(file) = &self.swarm_key {
-            let text = std::fs::read_to_string(file)
-                .with_context(|| format!("reading swarm key {}", file.display()))?;
-            config.psk = Some(p2p::parse_psk(&text)?);
-        }
+        join_private_swarm(&mut config, self.swarm_key.as_deref())?;
         // A named identity is held, as a server's is: two clients under one
         // peer id would shadow each other (a gateway's id is registered).
         let claim = match &self.client_identity {
-            Some(path) => Some(p2p::identity::claim(path).with_context(|| {
-                format!("cannot run as {} (--client-identity)", path.display())
-            })?),
+            Some(path) => Some(claim_identity(path, "--client-identity")?),
             None => None,
         };
         let key = match &claim {
