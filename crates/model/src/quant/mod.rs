@@ -348,7 +348,9 @@ impl QuantMatrix {
 
     /// [`matmul`](Self::matmul) with the activations first rounded to 8 bits
     /// per 32-block (scale `max|x| / 127`), so each block's dot product is an
-    /// exact integer sum: faster, and exactly what llama.cpp computes. Tiles
+    /// exact integer sum: faster, and what llama.cpp computes (AVX-512 sums
+    /// Int8 weights offset by 128 and takes the offset back in f32, so there
+    /// those results may differ from llama.cpp's in the last bits). Tiles
     /// take up to eight tokens on AVX-512, four elsewhere.
     pub fn matmul_q8(&self, x: &[f32], tokens: usize, kernel: Kernel) -> Vec<f32> {
         assert_eq!(x.len(), tokens * self.cols, "activation length");
