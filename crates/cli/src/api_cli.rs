@@ -44,8 +44,11 @@ impl ApiArgs {
             let checkpoint = self.model.open()?;
             let runtime = tokio::runtime::Runtime::new()?;
             let max_length = checkpoint.config().max_position_embeddings as u32;
-            let (remote, identity) =
-                runtime.block_on(self.swarm.connect(&checkpoint, max_length))?;
+            let (remote, identity) = runtime.block_on(self.swarm.connect(
+                &checkpoint,
+                self.model.precision(),
+                max_length,
+            ))?;
             let mut backend = SwarmBackend::new(remote, runtime.handle().clone());
             if let (Some(subnet), Some(rpc)) = (self.subnet, &self.chain_rpc) {
                 let ledger = runtime

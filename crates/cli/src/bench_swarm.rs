@@ -130,8 +130,12 @@ impl SwarmBench {
                 .await;
                 view
             });
-            let mut remote =
-                client::RemoteModel::load(&ckpt, view, client::SessionConfig::default())?;
+            let mut remote = client::RemoteModel::load(
+                &ckpt,
+                view,
+                client::SessionConfig::default(),
+                options.precision,
+            )?;
             let handle = runtime.handle();
             // One warm-up run opens the connections.
             remote.generate(handle, &req, &mut |_| true)?;

@@ -81,13 +81,18 @@ impl ModelArgs {
         Checkpoint::open(&path).with_context(|| format!("opening {}", path.display()))
     }
 
+    /// Activation precision against quantized weights (`--q8`).
+    pub fn precision(&self) -> Precision {
+        if self.q8 {
+            Precision::Q8
+        } else {
+            Precision::F32
+        }
+    }
+
     pub fn options(&self) -> Result<LoadOptions> {
         Ok(LoadOptions {
-            precision: if self.q8 {
-                Precision::Q8
-            } else {
-                Precision::F32
-            },
+            precision: self.precision(),
             device: LoadOptions::device_by_name(&self.device)?,
         })
     }
@@ -100,7 +105,8 @@ impl ModelArgs {
         if swarm.remote() {
             let runtime = tokio::runtime::Runtime::new()?;
             let max_length = ckpt.config().max_position_embeddings;
-            let (model, identity) = runtime.block_on(swarm.connect(&ckpt, max_length as u32))?;
+            let (model, identity) =
+                runtime.block_on(swarm.connect(&ckpt, self.precision(), max_length as u32))?;
             return Ok(Loaded {
                 max_length: model.max_length(),
                 tokenizer: model.tokenizer().clone(),

@@ -124,11 +124,12 @@ impl SwarmArgs {
 
     /// Joins the swarm (with a throwaway identity unless one is given:
     /// clients need no reputation) and loads the client's half of
-    /// `checkpoint`; a given identity stays claimed while the returned
-    /// claim lives.
+    /// `checkpoint`, its head at `precision`; a given identity stays
+    /// claimed while the returned claim lives.
     pub async fn connect(
         &self,
         checkpoint: &model::Checkpoint,
+        precision: model::Precision,
         max_length: u32,
     ) -> Result<(client::RemoteModel, Option<Claim>)> {
         let mut config = NodeConfig {
@@ -156,7 +157,7 @@ impl SwarmArgs {
             max_length,
             ..client::SessionConfig::default()
         };
-        let model = client::RemoteModel::load(checkpoint, view, session)?;
+        let model = client::RemoteModel::load(checkpoint, view, session, precision)?;
         Ok((model, claim))
     }
 }

@@ -184,7 +184,9 @@ impl SwarmCmd {
         let max_length = checkpoint.config().max_position_embeddings as u32;
         let remote = runtime.block_on(async {
             // A throwaway identity: nothing to hold.
-            let (remote, _) = swarm.connect(&checkpoint, max_length).await?;
+            let (remote, _) = swarm
+                .connect(&checkpoint, self.model.precision(), max_length)
+                .await?;
             let view = remote.view().clone();
             let online = async {
                 loop {

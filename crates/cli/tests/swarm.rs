@@ -41,6 +41,11 @@ struct Swarm {
 
 impl Swarm {
     fn start(model: &Path, spans: &[&str]) -> Self {
+        Self::start_with(model, spans, &[])
+    }
+
+    /// Servers given `args` besides their span.
+    fn start_with(model: &Path, spans: &[&str], args: &[&str]) -> Self {
         let runtime = tokio::runtime::Runtime::new().unwrap();
         let boot = runtime.block_on(p2p::testing::local_node(None));
         let cache = tempfile::tempdir().unwrap();
@@ -61,6 +66,7 @@ impl Swarm {
                 .args(["--listen", "/ip4/127.0.0.1/tcp/0", "--announce-period", "2"])
                 .args(["--threads", "1", "--initial-peers", &swarm.boot_addr()])
                 .args(["--identity", key.to_str().unwrap()])
+                .args(args)
                 .stdout(Stdio::piped())
                 .spawn()
                 .unwrap();
@@ -214,6 +220,31 @@ fn three_servers_answer_eight_clients_as_one_process_would() {
     assert_eq!(model["id"], "smollm2");
     assert_eq!(model["servers"].as_array().unwrap().len(), 3);
     assert_eq!(model["coverage"], serde_json::json!(vec![1; 30]));
+}
+
+#[test]
+fn a_q8_swarm_answers_as_one_q8_process_would() {
+    let Some(model) = default_model() else { return };
+    // A prompt whose answer changes when the head keeps f32 activations
+    // while the blocks round theirs.
+    let prompt = "Write a short poem about the sea.";
+    let cache = tempfile::tempdir().unwrap();
+    let local = generate(cache.path(), &model, prompt)
+        .arg("--q8")
+        .output()
+        .unwrap();
+    assert!(local.status.success());
+    let swarm = Swarm::start_with(&model, &["0:15", "15:30"], &["--q8"]);
+    let out = swarm.client(prompt).arg("--q8").output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&local.stdout)
+    );
 }
 
 /// One HTTP/1.1 exchange; returns the status and the body.

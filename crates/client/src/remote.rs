@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::Tensor;
 use model::{
     BlockRunner, ChatTemplate, Checkpoint, Embedding, Generation, GenerationRequest, Head,
-    LoadOptions, ModelError, Tokenizer,
+    LoadOptions, ModelError, Precision, Tokenizer,
 };
 use tokio::runtime::Handle;
 
@@ -38,7 +38,9 @@ impl std::fmt::Debug for RemoteModel {
 
 impl RemoteModel {
     /// Loads the client-side parts of `checkpoint`; its blocks are found in
-    /// the swarm as `view`'s model.
+    /// the swarm as `view`'s model. `precision` is the head's: a swarm whose
+    /// servers round activations to 8 bits gives the same tokens as one
+    /// process doing so only when the client's head rounds them too.
     ///
     /// # Errors
     /// When the checkpoint's embedding, head or tokenizer cannot be loaded,
@@ -47,6 +49,7 @@ impl RemoteModel {
         checkpoint: &Checkpoint,
         view: SwarmView,
         session: SessionConfig,
+        precision: Precision,
     ) -> Result<Self, ClientError> {
         let config = checkpoint.config();
         if view.num_blocks() as usize != config.num_blocks {
@@ -57,7 +60,11 @@ impl RemoteModel {
                 view.num_blocks()
             )));
         }
-        let options = LoadOptions::default();
+        // The client's half stays on the CPU: the servers' outputs arrive there.
+        let options = LoadOptions {
+            precision,
+            ..LoadOptions::default()
+        };
         let embedding = checkpoint.load_embedding(&options)?;
         let head = checkpoint.load_head(&options, Some(&embedding))?;
         let tokenizer = checkpoint.tokenizer()?;
