@@ -151,20 +151,54 @@ impl Sampler {
     }
 }
 
-/// Index of the largest finite logit (the first on ties).
+/// Index of the largest logit (the first on ties; NaNs never win unless
+/// every logit is one, then the last).
 pub fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, l) in logits.iter().enumerate() {
-        if *l > logits[best] || logits[best].is_nan() {
-            best = i;
+    // The largest value first, over independent lanes so it vectorizes (a
+    // scan keeping the best index does not, and greedy decoding runs one
+    // per token over the whole vocabulary), then where it first occurs.
+    const LANES: usize = 16;
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    let chunks = logits.chunks_exact(LANES);
+    let rest = chunks.remainder().iter().copied();
+    for chunk in chunks {
+        for (lane, &l) in lanes.iter_mut().zip(chunk) {
+            *lane = lane.max(l);
         }
     }
-    best as u32
+    let max = lanes.into_iter().chain(rest).fold(f32::NEG_INFINITY, f32::max);
+    logits
+        .iter()
+        .position(|&l| l == max)
+        .unwrap_or(logits.len().saturating_sub(1)) as u32
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn argmax_takes_the_first_largest_and_passes_over_nans() {
+        let nan = f32::NAN;
+        let inf = f32::INFINITY;
+        let mut long = vec![0.5f32; 37];
+        long[20] = 2.0;
+        long[33] = 2.0;
+        let cases: &[(&[f32], u32)] = &[
+            (&[], 0),
+            (&[1.0, 3.0, 3.0, -1.0], 1),
+            (&[nan, 1.0, nan], 1),
+            (&[nan, -inf], 1),
+            (&[-inf, nan], 0),
+            (&[nan, nan, nan], 2),
+            (&[-inf, -inf], 0),
+            (&[1.0, inf, nan], 1),
+            (&long, 20),
+        ];
+        for (logits, want) in cases {
+            assert_eq!(argmax(logits), *want, "{logits:?}");
+        }
+    }
 
     #[test]
     fn greedy_takes_the_largest_logit() {
