@@ -54,9 +54,14 @@ impl<'a> View<'a> {
         })
     }
 
-    fn row(&self, i: usize, j: usize, k: usize) -> &'a [f32] {
-        let at = self.start + i * self.stride[0] + j * self.stride[1] + k * self.stride[2];
-        &self.data[at..at + self.dims[3]]
+    /// The rows from `[i, j, k]` on along dimension `along` (1 or 2).
+    fn rows(&self, i: usize, j: usize, k: usize, along: usize) -> Rows<'a> {
+        Rows {
+            data: self.data,
+            start: self.start + i * self.stride[0] + j * self.stride[1] + k * self.stride[2],
+            step: self.stride[along],
+            width: self.dims[3],
+        }
     }
 }
 
@@ -96,92 +101,184 @@ impl CustomOp3 for CachedAttention {
             )
         }
         let group = heads / kv_heads;
-        // One (sequence, head) pair: its `t` outputs of width `d`.
-        let pair = |n: usize| -> Vec<f32> {
-            let (bi, h) = (n / heads, n % heads);
-            let kvh = h / group;
-            let rows = Pair {
-                queries: (0..t).map(|i| q.row(bi, h, i)).collect(),
-                keys: (0..s).map(|j| k.row(bi, kvh, j)).collect(),
-                values: (0..s).map(|j| v.row(bi, kvh, j)).collect(),
+        // One unit of work: the `group` query heads that share a key/value
+        // head, at one position of one sequence. Their rows lie side by
+        // side in the output, so units are its `group * d` chunks in order.
+        let unit = |n: usize, out: &mut [f32], scratch: &mut Vec<f32>| {
+            let (bi, i, kvh) = (n / (t * kv_heads), n / kv_heads % t, n % kv_heads);
+            let rows = Group {
+                queries: q.rows(bi, kvh * group, i, 1),
+                heads: group,
+                keys: k.rows(bi, kvh, 0, 2),
+                values: v.rows(bi, kvh, 0, 2),
+                seen: s - t + i + 1,
             };
             #[cfg(target_arch = "x86_64")]
             if Kernel::detect().has_avx2() {
                 // SAFETY: `has_avx2`.
-                return unsafe { rows.attend_avx2() };
+                return unsafe { rows.attend_avx2(out, scratch) };
             }
-            rows.attend()
-        };
-        // Heads run in parallel once a cache is long enough to pay for the
-        // fork; each pair's arithmetic is the same either way.
-        let pairs: Vec<Vec<f32>> = if s * t * heads * d >= PARALLEL_WORK {
-            (0..b * heads).into_par_iter().map(pair).collect()
-        } else {
-            (0..b * heads).map(pair).collect()
+            rows.attend(out, scratch)
         };
         let mut out = vec![0f32; b * t * heads * d];
-        for (n, ys) in pairs.iter().enumerate() {
-            let (bi, h) = (n / heads, n % heads);
-            for (i, y) in ys.chunks_exact(d).enumerate() {
-                let at = ((bi * t + i) * heads + h) * d;
-                out[at..at + d].copy_from_slice(y);
+        // Units run in parallel once a cache is long enough to pay for the
+        // fork; each unit's arithmetic is the same either way.
+        if s * t * heads * d >= PARALLEL_WORK {
+            out.par_chunks_mut(group * d)
+                .enumerate()
+                .for_each_init(Vec::new, |scratch, (n, out)| unit(n, out, scratch));
+        } else {
+            let mut scratch = Vec::new();
+            for (n, out) in out.chunks_mut(group * d).enumerate() {
+                unit(n, out, &mut scratch);
             }
         }
         Ok((CpuStorage::F32(out), Shape::from((b, t, heads * d))))
     }
 }
 
-/// One (sequence, head) pair's rows: its queries, and the keys and values
-/// of its key/value head, position by position.
-struct Pair<'a> {
-    queries: Vec<&'a [f32]>,
-    keys: Vec<&'a [f32]>,
-    values: Vec<&'a [f32]>,
+/// Equal-width rows spaced evenly through a buffer.
+#[derive(Clone, Copy)]
+struct Rows<'a> {
+    data: &'a [f32],
+    start: usize,
+    step: usize,
+    width: usize,
 }
 
-impl Pair<'_> {
-    /// Each query's softmax-weighted sum of values, `t * d` floats; query `i`
-    /// sits at position `s - t + i` and sees keys up to it.
+impl<'a> Rows<'a> {
     #[inline(always)]
-    fn attend(&self) -> Vec<f32> {
-        let (t, s) = (self.queries.len(), self.keys.len());
-        let d = self.queries.first().map_or(0, |q| q.len());
+    fn get(&self, j: usize) -> &'a [f32] {
+        let at = self.start + j * self.step;
+        &self.data[at..at + self.width]
+    }
+}
+
+/// Query heads sharing one key/value head, at one position that sees the
+/// first `seen` keys: each key and value is read once for all of them.
+struct Group<'a> {
+    queries: Rows<'a>,
+    heads: usize,
+    keys: Rows<'a>,
+    values: Rows<'a>,
+    seen: usize,
+}
+
+impl Group<'_> {
+    /// Each query's softmax-weighted sum of values into its row of `out`
+    /// (`heads * d` floats); `scratch` holds the scores.
+    #[inline(always)]
+    fn attend(&self, out: &mut [f32], scratch: &mut Vec<f32>) {
+        let (g, seen, d) = (self.heads, self.seen, self.keys.width);
         let scale = 1.0 / (d as f32).sqrt();
-        let mut ys = vec![0f32; t * d];
-        let mut scores = vec![0f32; s];
-        for ((i, y), qi) in ys.chunks_exact_mut(d).enumerate().zip(&self.queries) {
-            let scores = &mut scores[..s - t + i + 1];
-            for (score, key) in scores.iter_mut().zip(&self.keys) {
-                *score = dot(qi, key) * scale;
+        scratch.clear();
+        scratch.resize(g * seen + g, 0.0);
+        let (scores, sums) = scratch.split_at_mut(g * seen);
+        for j in 0..seen {
+            let key = self.keys.get(j);
+            for u in 0..g {
+                scores[u * seen + j] = dot(self.queries.get(u), key) * scale;
             }
-            let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f32;
-            for score in scores.iter_mut() {
-                *score = (*score - max).exp();
-                sum += *score;
-            }
-            for (&p, value) in scores.iter().zip(&self.values) {
-                for (y, &x) in y.iter_mut().zip(*value) {
-                    *y += p * x;
+        }
+        for (row, sum) in scores.chunks_exact_mut(seen).zip(sums.iter_mut()) {
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            *sum = exp_less(row, max);
+        }
+        for ((y, p), sum) in out
+            .chunks_exact_mut(d)
+            .zip(scores.chunks_exact(seen))
+            .zip(&*sums)
+        {
+            // Sixty-four of a row's sums stay in registers over every value.
+            let mut c = 0;
+            while c < d {
+                let width = if d - c >= 64 { 64 } else { 1 };
+                match width {
+                    64 => self.weighted_sum::<64>(p, c, &mut y[c..c + 64]),
+                    _ => self.weighted_sum::<1>(p, c, &mut y[c..c + 1]),
                 }
+                c += width;
             }
             y.iter_mut().for_each(|y| *y /= sum);
         }
-        ys
+    }
+
+    /// `y = sum_j p_j * value_j[c..c + W]`, summed over `j` in order (so any
+    /// `W` gives each element the same bits).
+    #[inline(always)]
+    fn weighted_sum<const W: usize>(&self, p: &[f32], c: usize, y: &mut [f32]) {
+        let mut acc = [0f32; W];
+        for (j, &p) in p.iter().enumerate() {
+            let value = &self.values.get(j)[c..c + W];
+            for (acc, &x) in acc.iter_mut().zip(value) {
+                *acc += p * x;
+            }
+        }
+        y.copy_from_slice(&acc);
     }
 
     /// [`attend`](Self::attend) compiled for AVX2, used where the quant
-    /// kernel is an x86 one: a dot product's eight partial sums fill one
-    /// register instead of two. The arithmetic is the same lane for lane,
-    /// and so are the results: only the vector width changes.
+    /// kernel is an x86 one: eight lanes fill one register instead of two.
+    /// The arithmetic is the same lane for lane, and so are the results:
+    /// only the vector width changes.
     ///
     /// # Safety
     /// The CPU must support AVX2 and FMA.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn attend_avx2(&self) -> Vec<f32> {
-        self.attend()
+    unsafe fn attend_avx2(&self, out: &mut [f32], scratch: &mut Vec<f32>) {
+        self.attend(out, scratch)
     }
+}
+
+/// Replaces each score `x` by `e^(x - max)` and returns their sum; eight
+/// lanes' sums, so the loop vectorizes without reassociating.
+#[inline(always)]
+fn exp_less(scores: &mut [f32], max: f32) -> f32 {
+    let mut sums = [0f32; 8];
+    let mut chunks = scores.chunks_exact_mut(8);
+    for chunk in &mut chunks {
+        for (x, sum) in chunk.iter_mut().zip(&mut sums) {
+            *x = exp_nonpositive(*x - max);
+            *sum += *x;
+        }
+    }
+    let mut tail = 0f32;
+    for x in chunks.into_remainder() {
+        *x = exp_nonpositive(*x - max);
+        tail += *x;
+    }
+    sums.iter().sum::<f32>() + tail
+}
+
+/// `e^x` for `x <= 0`, within 2 ulp (a NaN stays one): Cephes' `expf`
+/// polynomial after taking out `n ln 2`, `n` rounded, whose `2^n` goes
+/// straight into the exponent bits. libm's `expf` is a call per score and
+/// does not vectorize; this is plain arithmetic, so every vector width gives
+/// the same bits.
+#[inline(always)]
+fn exp_nonpositive(x: f32) -> f32 {
+    // Adding 1.5 * 2^23 rounds to an integer, which the low bits then hold.
+    const ROUND: f32 = 12_582_912.0;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // e^-87 is near the smallest normal float; below, 2^n would not fit.
+    let x = if x < -87.0 { -87.0 } else { x };
+    let rounded = x * std::f32::consts::LOG2_E + ROUND;
+    let n = rounded - ROUND;
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let mut p = 1.987_569_1e-4;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 5.000_000_1e-1;
+    let e = p * r * r + r + 1.0;
+    let exponent = rounded
+        .to_bits()
+        .wrapping_sub(ROUND.to_bits())
+        .wrapping_add(127);
+    e * f32::from_bits(exponent << 23)
 }
 
 /// Eight partial sums, so the compiler vectorizes without reassociating.
@@ -353,23 +450,44 @@ mod tests {
             return;
         }
         let mut rng = StdRng::seed_from_u64(5);
-        // Widths with and without a tail past the last 8.
-        for (t, s, d) in [(1, 130, 64), (3, 17, 12), (2, 2, 8)] {
-            let mut rows = |n: usize| -> Vec<Vec<f32>> {
-                (0..n)
-                    .map(|_| (0..d).map(|_| rng.random_range(-2.0..2.0)).collect())
-                    .collect()
+        // Widths with and without a tail past the last 8; 1 to 4 heads a group.
+        for (g, s, d) in [(3, 130, 64), (1, 17, 12), (4, 2, 8)] {
+            let mut rows = |n: usize| -> Vec<f32> {
+                (0..n * d).map(|_| rng.random_range(-2.0..2.0)).collect()
             };
-            let (queries, keys, values) = (rows(t), rows(s), rows(s));
-            let pair = Pair {
-                queries: queries.iter().map(Vec::as_slice).collect(),
-                keys: keys.iter().map(Vec::as_slice).collect(),
-                values: values.iter().map(Vec::as_slice).collect(),
+            let (queries, keys, values) = (rows(g), rows(s), rows(s));
+            let rows = |data| Rows {
+                data,
+                start: 0,
+                step: d,
+                width: d,
             };
+            let group = Group {
+                queries: rows(&queries),
+                heads: g,
+                keys: rows(&keys),
+                values: rows(&values),
+                seen: s,
+            };
+            let (mut wide, mut narrow) = (vec![0f32; g * d], vec![0f32; g * d]);
             // SAFETY: `has_avx2`.
-            let wide = unsafe { pair.attend_avx2() };
-            assert_eq!(wide, pair.attend(), "{t} {s} {d}");
+            unsafe { group.attend_avx2(&mut wide, &mut Vec::new()) };
+            group.attend(&mut narrow, &mut Vec::new());
+            assert_eq!(wide, narrow, "{g} {s} {d}");
         }
+    }
+
+    #[test]
+    fn exp_is_within_two_ulp_of_libm_and_keeps_nans() {
+        for i in 0..=100_000 {
+            let x = -87.0 * i as f32 / 100_000.0;
+            let (got, want) = (exp_nonpositive(x), x.exp());
+            let ulps = (got.to_bits() as i64 - want.to_bits() as i64).abs();
+            assert!(ulps <= 2, "e^{x}: {got} vs {want}");
+        }
+        assert_eq!(exp_nonpositive(0.0), 1.0);
+        assert!(exp_nonpositive(f32::NEG_INFINITY) < 1e-37);
+        assert!(exp_nonpositive(f32::NAN).is_nan());
     }
 
     #[test]

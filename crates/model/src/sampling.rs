@@ -166,7 +166,10 @@ pub fn argmax(logits: &[f32]) -> u32 {
             *lane = lane.max(l);
         }
     }
-    let max = lanes.into_iter().chain(rest).fold(f32::NEG_INFINITY, f32::max);
+    let max = lanes
+        .into_iter()
+        .chain(rest)
+        .fold(f32::NEG_INFINITY, f32::max);
     logits
         .iter()
         .position(|&l| l == max)

@@ -336,13 +336,24 @@ fn backward_matches_finite_differences() {
 /// each session alone, and leave each cache as stepping alone would: for
 /// GGUF's interleaved rotations and Hugging Face's halves. Bit for bit on
 /// quantized weights, whose kernels are batch-invariant; candle's float GEMM
-/// is not, so f32 weights agree to rounding.
+/// is not, so f32 weights agree to rounding (relative to the outputs, which
+/// reach about 10 here: a few ulp of that is above 1e-5).
 #[test]
 fn batched_steps_equal_separate_steps() {
     let dir = tempfile::tempdir().unwrap();
     let gguf = write_gguf(dir.path(), GgmlDType::Q4_1, "llama");
     let hf = write_hf(&dir.path().join("hf"), "llama");
     for (path, tolerance) in [(gguf, 0.0), (hf, 1e-5)] {
+        let close = |a: &Tensor, b: &Tensor| {
+            let scale = b
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            max_diff(a, b) <= tolerance * scale.max(1.0)
+        };
         let ckpt = Checkpoint::open(&path).unwrap();
         let opts = LoadOptions::default();
         let emb = ckpt.load_embedding(&opts).unwrap();
@@ -365,14 +376,14 @@ fn batched_steps_equal_separate_steps() {
             .collect();
         let got = span.forward_batch(0..BLOCKS, &next, &mut batched).unwrap();
         for (g, w) in got.iter().zip(&want) {
-            assert!(max_diff(g, w) <= tolerance, "{}", path.display());
+            assert!(close(g, w), "{}", path.display());
         }
         // The caches continue identically.
         let after = emb.forward(&[13]).unwrap();
         for (a, b) in alone.iter_mut().zip(&mut batched) {
             let x = span.forward(&after, a).unwrap();
             let y = span.forward(&after, b).unwrap();
-            assert!(max_diff(&x, &y) <= tolerance, "{}", path.display());
+            assert!(close(&x, &y), "{}", path.display());
         }
         assert!(
             span.forward_batch(0..BLOCKS, &next[..2], &mut batched)
