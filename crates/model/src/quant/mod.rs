@@ -730,15 +730,38 @@ impl Q8Activations {
         let element: [usize; BLOCK] = std::array::from_fn(|p| q8_element(layout, p));
         for (i, block) in x.chunks_exact(BLOCK).enumerate() {
             let (t, b) = (i / blocks, i % blocks);
-            let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+            // Eight lanes of maxima and the rounding in element order, so
+            // both vectorize (max is exact in any order); the kernel's
+            // order is a byte shuffle afterwards.
+            let mut lanes = [0f32; 8];
+            for chunk in block.chunks_exact(8) {
+                for (m, v) in lanes.iter_mut().zip(chunk) {
+                    // `f32::max` as a compare (NaNs lose either way), which
+                    // is one instruction on eight lanes.
+                    *m = if v.abs() > *m { v.abs() } else { *m };
+                }
+            }
+            let amax = lanes.into_iter().fold(0f32, f32::max);
             let d = amax / 127.0;
             let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
-            let mut sum = 0i32;
+            let mut rounded = [0i8; BLOCK];
+            for (q, &v) in rounded.iter_mut().zip(block) {
+                // What a saturating `as i8` gives (NaN to 0, in range
+                // otherwise by construction but for subnormal blocks), in a
+                // form that vectorizes.
+                let y = v * inv;
+                let y = if y.is_nan() {
+                    0.0
+                } else {
+                    y.round().clamp(-128.0, 127.0)
+                };
+                // SAFETY: `y` is an integer in -128..=127.
+                *q = unsafe { y.to_int_unchecked::<i32>() } as i8;
+            }
+            let sum: i32 = rounded.iter().map(|&q| i32::from(q)).sum();
             let mut quants = [0i8; BLOCK];
             for (q, &e) in quants.iter_mut().zip(&element) {
-                // In range by construction; `as` saturates a NaN input to 0.
-                *q = (block[e] * inv).round() as i8;
-                sum += i32::from(*q);
+                *q = rounded[e];
             }
             let (start, step, slot) = order.place(blocks, b);
             let token = &mut out.quants[t * cols..(t + 1) * cols];
@@ -1117,6 +1140,35 @@ mod tests {
                     "{kernel:?}"
                 );
             }
+        }
+    }
+
+    /// Each value is `(x / d).round() as i8`, a saturating cast, even
+    /// where that is odd: NaNs, infinities, and blocks so small that `1 / d`
+    /// overflows.
+    #[test]
+    fn rounding_is_a_saturating_cast_on_odd_blocks() {
+        let odd = |i: usize| match i % 4 {
+            0 => f32::NAN,
+            1 => i as f32 - 16.5,
+            2 => f32::INFINITY,
+            _ => -(i as f32),
+        };
+        let blocks: [Vec<f32>; 3] = [
+            (0..BLOCK).map(odd).collect(),
+            (0..BLOCK)
+                .map(|i| if i % 2 == 0 { 0.0 } else { -1e-38 * i as f32 })
+                .collect(),
+            (0..BLOCK).map(|i| i as f32 - 15.5).collect(),
+        ];
+        for block in blocks {
+            // Int8 in block order keeps each block's values in order.
+            let got = Q8Activations::quantize(&block, BLOCK, QuantLayout::Int8, Kernel::Scalar);
+            let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let d = amax / 127.0;
+            let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+            let want: Vec<i8> = block.iter().map(|v| (v * inv).round() as i8).collect();
+            assert_eq!(got.quants, want, "{block:?}");
         }
     }
 
