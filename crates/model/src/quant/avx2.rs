@@ -123,8 +123,8 @@ unsafe fn block_fma(w: &[__m256; 4], d: __m256, x: *const f32, acc: __m256) -> _
 /// `INT8` picks the block expansion at compile time, so it inlines.
 #[inline]
 #[target_feature(enable = "avx2,fma")]
-fn scaled_dots<const N: usize, const INT8: bool>(row: Row<'_>, xs: [&[f32]; N]) -> [f32; N] {
-    let (nb, block_bytes) = row.checked_blocks::<INT8>(&xs);
+fn scaled_dots<const N: usize, const INT8: bool>(row: Row<'_>, xs: &[&[f32]; N]) -> [f32; N] {
+    let (nb, block_bytes) = row.checked_blocks::<INT8>(xs);
     let block = |b: usize, acc: &mut [__m256; N]| {
         // SAFETY: b < nb, and the checks above bound every pointer below.
         unsafe {
@@ -183,8 +183,8 @@ fn sum_sets<const N: usize>((even, odd): ([__m256; N], [__m256; N])) -> [f32; N]
 #[target_feature(enable = "avx2,fma")]
 pub(super) unsafe fn nibbles<const N: usize>(
     row: Row<'_>,
-    xs: [&[f32]; N],
-    xsums: [&[f32]; N],
+    xs: &[&[f32]; N],
+    xsums: &[&[f32]; N],
 ) -> [f32; N] {
     assert!(row.mins.len() == row.scales.len());
     let dots = scaled_dots::<N, false>(row, xs);
@@ -195,7 +195,7 @@ pub(super) unsafe fn nibbles<const N: usize>(
 /// # Safety
 /// The CPU must support AVX2 and FMA.
 #[target_feature(enable = "avx2,fma")]
-pub(super) unsafe fn int8<const N: usize>(row: Row<'_>, xs: [&[f32]; N]) -> [f32; N] {
+pub(super) unsafe fn int8<const N: usize>(row: Row<'_>, xs: &[&[f32]; N]) -> [f32; N] {
     scaled_dots::<N, true>(row, xs)
 }
 
@@ -223,9 +223,9 @@ pub(super) unsafe fn nibbles_u8(q: *const u8) -> __m256i {
 #[target_feature(enable = "avx2,fma")]
 fn scaled_dots_q8<const N: usize, const INT8: bool>(
     row: Row<'_>,
-    xs: [Q8Block<'_>; N],
+    xs: &[Q8Block<'_>; N],
 ) -> [f32; N] {
-    let (nb, block_bytes) = row.checked_blocks_q8::<INT8>(&xs);
+    let (nb, block_bytes) = row.checked_blocks_q8::<INT8>(xs);
     let ones = _mm256_set1_epi16(1);
     let block = |b: usize, acc: &mut [__m256; N]| {
         // SAFETY: b < nb, and the checks above bound every pointer below.
@@ -256,7 +256,7 @@ fn scaled_dots_q8<const N: usize, const INT8: bool>(
 /// # Safety
 /// The CPU must support AVX2 and FMA.
 #[target_feature(enable = "avx2,fma")]
-pub(super) unsafe fn nibbles_q8<const N: usize>(row: Row<'_>, xs: [Q8Block<'_>; N]) -> [f32; N] {
+pub(super) unsafe fn nibbles_q8<const N: usize>(row: Row<'_>, xs: &[Q8Block<'_>; N]) -> [f32; N] {
     assert!(row.mins.len() == row.scales.len());
     let dots = scaled_dots_q8::<N, false>(row, xs);
     std::array::from_fn(|t| dots[t] + dot(row.mins, xs[t].sums))
@@ -265,6 +265,6 @@ pub(super) unsafe fn nibbles_q8<const N: usize>(row: Row<'_>, xs: [Q8Block<'_>; 
 /// # Safety
 /// The CPU must support AVX2 and FMA.
 #[target_feature(enable = "avx2,fma")]
-pub(super) unsafe fn int8_q8<const N: usize>(row: Row<'_>, xs: [Q8Block<'_>; N]) -> [f32; N] {
+pub(super) unsafe fn int8_q8<const N: usize>(row: Row<'_>, xs: &[Q8Block<'_>; N]) -> [f32; N] {
     scaled_dots_q8::<N, true>(row, xs)
 }

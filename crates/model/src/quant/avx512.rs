@@ -49,7 +49,7 @@ const NIBBLE_LEVELS: [f32; 16] = {
 /// # Safety
 /// The CPU must support AVX-512 F, BW, VL and VNNI, AVX2 and FMA.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
-pub(super) unsafe fn nibbles<const N: usize>(row: Row<'_>, xs: [&[f32]; N]) -> [f32; N] {
+pub(super) unsafe fn nibbles<const N: usize>(row: Row<'_>, xs: &[&[f32]; N]) -> [f32; N] {
     let nb = row.scales.len();
     assert!(row.quants.len() == nb * BLOCK / 2 && row.mins.len() == nb);
     for x in xs {
@@ -98,7 +98,7 @@ pub(super) unsafe fn nibbles<const N: usize>(row: Row<'_>, xs: [&[f32]; N]) -> [
 /// # Safety
 /// The CPU must support AVX-512 F, BW, VL and VNNI, AVX2 and FMA.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
-pub(super) unsafe fn nibbles_q8<const N: usize>(row: Row<'_>, xs: [Q8Block<'_>; N]) -> [f32; N] {
+pub(super) unsafe fn nibbles_q8<const N: usize>(row: Row<'_>, xs: &[Q8Block<'_>; N]) -> [f32; N] {
     grouped_q8::<N, false>(row, xs)
 }
 
@@ -110,19 +110,19 @@ pub(super) unsafe fn nibbles_q8<const N: usize>(row: Row<'_>, xs: [Q8Block<'_>; 
 /// # Safety
 /// The CPU must support AVX-512 F, BW, VL and VNNI, AVX2 and FMA.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
-pub(super) unsafe fn int8_q8<const N: usize>(row: Row<'_>, xs: [Q8Block<'_>; N]) -> [f32; N] {
+pub(super) unsafe fn int8_q8<const N: usize>(row: Row<'_>, xs: &[Q8Block<'_>; N]) -> [f32; N] {
     grouped_q8::<N, true>(row, xs)
 }
 
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
-fn grouped_q8<const N: usize, const INT8: bool>(row: Row<'_>, xs: [Q8Block<'_>; N]) -> [f32; N] {
+fn grouped_q8<const N: usize, const INT8: bool>(row: Row<'_>, xs: &[Q8Block<'_>; N]) -> [f32; N] {
     let (nb, _) = row.checked_weights::<INT8>();
     assert!(INT8 || row.mins.len() == nb);
     // Where the rounding put each block: one layout, read the same here.
     let order = Q8Order::Grouped;
     let (whole, slots) = (order.grouped(nb), order.slots(nb));
-    for x in &xs {
+    for x in xs {
         assert!(x.quants.len() == nb * BLOCK);
         assert!(x.scales.len() == slots && x.sums.len() == slots);
     }
@@ -130,16 +130,16 @@ fn grouped_q8<const N: usize, const INT8: bool>(row: Row<'_>, xs: [Q8Block<'_>; 
     for first in (0..whole).step_by(GROUP) {
         // SAFETY: blocks first..first + GROUP exist in the row and (checked
         // above) in every token.
-        unsafe { group_dots::<N, INT8>(row, &xs, first, &mut acc) };
+        unsafe { group_dots::<N, INT8>(row, xs, first, &mut acc) };
     }
     for b in (whole..nb).step_by(2) {
         let (_, _, slot) = order.place(nb, b);
         // SAFETY: as above, for block b and, where the row has it, b + 1.
         unsafe {
             if b + 1 < nb {
-                pair_dots::<N, INT8, true>(row, &xs, b, slot, &mut acc);
+                pair_dots::<N, INT8, true>(row, xs, b, slot, &mut acc);
             } else {
-                pair_dots::<N, INT8, false>(row, &xs, b, slot, &mut acc);
+                pair_dots::<N, INT8, false>(row, xs, b, slot, &mut acc);
             }
         }
     }

@@ -449,8 +449,20 @@ impl Columns {
     /// Those elements lie inside the output, and no other thread writes
     /// them meanwhile.
     unsafe fn write(&self, at: usize, run: &[f32]) {
-        // SAFETY: as the caller promises.
-        unsafe { std::ptr::copy_nonoverlapping(run.as_ptr(), self.0.add(at), run.len()) }
+        // Eight floats a store: runs are a few dozen floats, where a call to
+        // `memcpy` for each cost more than the copying (4% of a batched
+        // decode step).
+        let (eights, rest) = run.as_chunks::<8>();
+        // SAFETY: as the caller promises, for every element written.
+        unsafe {
+            let to = self.0.add(at);
+            for (i, eight) in eights.iter().enumerate() {
+                to.add(8 * i).cast::<[f32; 8]>().write_unaligned(*eight);
+            }
+            for (i, &v) in rest.iter().enumerate() {
+                to.add(8 * eights.len() + i).write(v);
+            }
+        }
     }
 }
 
@@ -471,7 +483,7 @@ struct F32Tiles<'a>(QuantLayout, Kernel, Activations<'a>);
 impl Tiles for F32Tiles<'_> {
     fn tile<const N: usize>(&self, t: usize) -> impl Fn(Row<'_>) -> [f32; N] + '_ {
         let tile = self.2.tile::<N>(t);
-        move |row| dot_tile(self.0, self.1, row, tile)
+        move |row| dot_tile(self.0, self.1, row, (&tile.0, &tile.1))
     }
 }
 
@@ -481,7 +493,7 @@ struct Q8Tiles(QuantLayout, Kernel, Q8Activations);
 impl Tiles for Q8Tiles {
     fn tile<const N: usize>(&self, t: usize) -> impl Fn(Row<'_>) -> [f32; N] + '_ {
         let tile = self.2.tile::<N>(t);
-        move |row| dot_tile_q8(self.0, self.1, row, tile)
+        move |row| dot_tile_q8(self.0, self.1, row, &tile)
     }
 }
 
@@ -819,7 +831,7 @@ fn dot_tile_q8<const N: usize>(
     layout: QuantLayout,
     kernel: Kernel,
     row: Row<'_>,
-    xs: [Q8Block<'_>; N],
+    xs: &[Q8Block<'_>; N],
 ) -> [f32; N] {
     match (kernel, layout) {
         #[cfg(target_arch = "x86_64")]
@@ -860,7 +872,7 @@ fn dot_tile<const N: usize>(
     layout: QuantLayout,
     kernel: Kernel,
     row: Row<'_>,
-    (xs, xsums): ([&[f32]; N], [&[f32]; N]),
+    (xs, xsums): (&[&[f32]; N], &[&[f32]; N]),
 ) -> [f32; N] {
     match (kernel, layout) {
         #[cfg(target_arch = "x86_64")]

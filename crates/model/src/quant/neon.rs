@@ -182,8 +182,8 @@ fn sum_sets<const N: usize>((even, odd): ([float32x4_t; N], [float32x4_t; N])) -
 /// `INT8` picks the block expansion at compile time, so it inlines.
 #[inline]
 #[target_feature(enable = "neon")]
-fn scaled_dots<const N: usize, const INT8: bool>(row: Row<'_>, xs: [&[f32]; N]) -> [f32; N] {
-    let (nb, block_bytes) = row.checked_blocks::<INT8>(&xs);
+fn scaled_dots<const N: usize, const INT8: bool>(row: Row<'_>, xs: &[&[f32]; N]) -> [f32; N] {
+    let (nb, block_bytes) = row.checked_blocks::<INT8>(xs);
     let block = |b: usize, acc: &mut [float32x4_t; N]| {
         // SAFETY: b < nb, and the checks above bound every pointer below.
         unsafe {
@@ -207,8 +207,8 @@ fn scaled_dots<const N: usize, const INT8: bool>(row: Row<'_>, xs: [&[f32]; N]) 
 #[target_feature(enable = "neon")]
 pub(super) unsafe fn nibbles<const N: usize>(
     row: Row<'_>,
-    xs: [&[f32]; N],
-    xsums: [&[f32]; N],
+    xs: &[&[f32]; N],
+    xsums: &[&[f32]; N],
 ) -> [f32; N] {
     assert!(row.mins.len() == row.scales.len());
     let dots = scaled_dots::<N, false>(row, xs);
@@ -219,7 +219,7 @@ pub(super) unsafe fn nibbles<const N: usize>(
 /// # Safety
 /// The CPU must support NEON.
 #[target_feature(enable = "neon")]
-pub(super) unsafe fn int8<const N: usize>(row: Row<'_>, xs: [&[f32]; N]) -> [f32; N] {
+pub(super) unsafe fn int8<const N: usize>(row: Row<'_>, xs: &[&[f32]; N]) -> [f32; N] {
     scaled_dots::<N, true>(row, xs)
 }
 
@@ -278,10 +278,10 @@ fn sdot_dot(w0: int8x16_t, w1: int8x16_t, x0: int8x16_t, x1: int8x16_t) -> int32
 #[inline(always)]
 unsafe fn scaled_dots_q8<const N: usize, const INT8: bool>(
     row: Row<'_>,
-    xs: [Q8Block<'_>; N],
+    xs: &[Q8Block<'_>; N],
     int_dot: impl Fn(int8x16_t, int8x16_t, int8x16_t, int8x16_t) -> int32x4_t,
 ) -> [f32; N] {
-    let (nb, block_bytes) = row.checked_blocks_q8::<INT8>(&xs);
+    let (nb, block_bytes) = row.checked_blocks_q8::<INT8>(xs);
     let block = |b: usize, acc: &mut [float32x4_t; N]| {
         // SAFETY: b < nb, and the checks above bound every pointer below;
         // the caller guarantees NEON.
@@ -315,7 +315,7 @@ unsafe fn scaled_dots_q8<const N: usize, const INT8: bool>(
 /// # Safety
 /// The CPU must support NEON.
 #[target_feature(enable = "neon")]
-pub(super) unsafe fn nibbles_q8<const N: usize>(row: Row<'_>, xs: [Q8Block<'_>; N]) -> [f32; N] {
+pub(super) unsafe fn nibbles_q8<const N: usize>(row: Row<'_>, xs: &[Q8Block<'_>; N]) -> [f32; N] {
     assert!(row.mins.len() == row.scales.len());
     // SAFETY: the caller guarantees NEON, all `widening_dot` needs.
     let dots = unsafe {
@@ -327,7 +327,7 @@ pub(super) unsafe fn nibbles_q8<const N: usize>(row: Row<'_>, xs: [Q8Block<'_>; 
 /// # Safety
 /// The CPU must support NEON.
 #[target_feature(enable = "neon")]
-pub(super) unsafe fn int8_q8<const N: usize>(row: Row<'_>, xs: [Q8Block<'_>; N]) -> [f32; N] {
+pub(super) unsafe fn int8_q8<const N: usize>(row: Row<'_>, xs: &[Q8Block<'_>; N]) -> [f32; N] {
     // SAFETY: as in `nibbles_q8`.
     unsafe { scaled_dots_q8::<N, true>(row, xs, |w0, w1, x0, x1| widening_dot(w0, w1, x0, x1)) }
 }
@@ -339,7 +339,7 @@ pub(super) unsafe fn int8_q8<const N: usize>(row: Row<'_>, xs: [Q8Block<'_>; N])
 #[target_feature(enable = "neon,dotprod")]
 pub(super) unsafe fn nibbles_q8_sdot<const N: usize>(
     row: Row<'_>,
-    xs: [Q8Block<'_>; N],
+    xs: &[Q8Block<'_>; N],
 ) -> [f32; N] {
     assert!(row.mins.len() == row.scales.len());
     // SAFETY: the caller guarantees NEON and dotprod, all `sdot_dot` needs.
@@ -353,7 +353,7 @@ pub(super) unsafe fn nibbles_q8_sdot<const N: usize>(
 /// # Safety
 /// The CPU must support NEON and the dot product extension.
 #[target_feature(enable = "neon,dotprod")]
-pub(super) unsafe fn int8_q8_sdot<const N: usize>(row: Row<'_>, xs: [Q8Block<'_>; N]) -> [f32; N] {
+pub(super) unsafe fn int8_q8_sdot<const N: usize>(row: Row<'_>, xs: &[Q8Block<'_>; N]) -> [f32; N] {
     // SAFETY: as in `nibbles_q8_sdot`.
     unsafe { scaled_dots_q8::<N, true>(row, xs, |w0, w1, x0, x1| sdot_dot(w0, w1, x0, x1)) }
 }

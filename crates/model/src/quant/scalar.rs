@@ -27,8 +27,8 @@ pub(super) fn dequantize_row(layout: QuantLayout, row: Row<'_>, out: &mut [f32])
 /// `sum_b d_b * (q_b . x_b) + m_b * sum(x_b)` for each token of the tile.
 pub(super) fn nibbles<const N: usize>(
     row: Row<'_>,
-    xs: [&[f32]; N],
-    xsums: [&[f32]; N],
+    xs: &[&[f32]; N],
+    xsums: &[&[f32]; N],
 ) -> [f32; N] {
     let mut acc = [0f32; N];
     for (b, q) in row.quants.chunks_exact(16).enumerate() {
@@ -46,7 +46,7 @@ pub(super) fn nibbles<const N: usize>(
 }
 
 /// `sum_b d_b * (q_b . x_b)` for each token of the tile.
-pub(super) fn int8<const N: usize>(row: Row<'_>, xs: [&[f32]; N]) -> [f32; N] {
+pub(super) fn int8<const N: usize>(row: Row<'_>, xs: &[&[f32]; N]) -> [f32; N] {
     let mut acc = [0f32; N];
     for (b, q) in row.quants.chunks_exact(BLOCK).enumerate() {
         for t in 0..N {
@@ -71,7 +71,7 @@ fn nibble_block_q8(q: &[u8], x: &[i8]) -> i32 {
 
 /// [`nibbles`] against 8-bit activations: `sum_b d_b dx_b (q_b . qx_b) + m_b s_b`,
 /// with `s_b = dx_b * sum(qx_b)`.
-pub(super) fn nibbles_q8<const N: usize>(row: Row<'_>, xs: [Q8Block<'_>; N]) -> [f32; N] {
+pub(super) fn nibbles_q8<const N: usize>(row: Row<'_>, xs: &[Q8Block<'_>; N]) -> [f32; N] {
     let mut acc = [0f32; N];
     for (b, q) in row.quants.chunks_exact(16).enumerate() {
         for (t, x) in xs.iter().enumerate() {
@@ -83,7 +83,7 @@ pub(super) fn nibbles_q8<const N: usize>(row: Row<'_>, xs: [Q8Block<'_>; N]) -> 
 }
 
 /// [`int8`] against 8-bit activations: `sum_b d_b dx_b (q_b . qx_b)`.
-pub(super) fn int8_q8<const N: usize>(row: Row<'_>, xs: [Q8Block<'_>; N]) -> [f32; N] {
+pub(super) fn int8_q8<const N: usize>(row: Row<'_>, xs: &[Q8Block<'_>; N]) -> [f32; N] {
     let mut acc = [0f32; N];
     for (b, q) in row.quants.chunks_exact(BLOCK).enumerate() {
         for (t, x) in xs.iter().enumerate() {
