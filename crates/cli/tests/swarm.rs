@@ -137,10 +137,15 @@ fn generate(cache: &Path, model: &Path, prompt: &str) -> Command {
     c
 }
 
-/// The answer of one process holding every block.
-fn local_answer(model: &Path, prompt: &str) -> String {
+/// The answer of one process holding every block, given `args`.
+fn local_answer(model: &Path, prompt: &str, args: &[&str]) -> String {
     let cache = tempfile::tempdir().unwrap();
-    let out = generate(cache.path(), model, prompt).output().unwrap();
+    answer(generate(cache.path(), model, prompt).args(args))
+}
+
+/// What `command` prints, once it has succeeded.
+fn answer(command: &mut Command) -> String {
+    let out = command.output().unwrap();
     assert!(
         out.status.success(),
         "{}",
@@ -152,17 +157,11 @@ fn local_answer(model: &Path, prompt: &str) -> String {
 #[test]
 fn three_servers_answer_eight_clients_as_one_process_would() {
     let Some(model) = default_model() else { return };
-    let want = local_answer(&model, PROMPT);
+    let want = local_answer(&model, PROMPT, &[]);
     assert!(want.contains("Paris"), "{want}");
     let swarm = Swarm::start(&model, &["0:10", "10:20", "20:30"]);
 
-    let out = swarm.client(PROMPT).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(String::from_utf8(out.stdout).unwrap(), want);
+    assert_eq!(answer(&mut swarm.client(PROMPT)), want);
 
     let clients: Vec<_> = (0..8)
         .map(|_| {
@@ -228,23 +227,9 @@ fn a_q8_swarm_answers_as_one_q8_process_would() {
     // A prompt whose answer changes when the head keeps f32 activations
     // while the blocks round theirs.
     let prompt = "Write a short poem about the sea.";
-    let cache = tempfile::tempdir().unwrap();
-    let local = generate(cache.path(), &model, prompt)
-        .arg("--q8")
-        .output()
-        .unwrap();
-    assert!(local.status.success());
+    let want = local_answer(&model, prompt, &["--q8"]);
     let swarm = Swarm::start_with(&model, &["0:15", "15:30"], &["--q8"]);
-    let out = swarm.client(prompt).arg("--q8").output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&local.stdout)
-    );
+    assert_eq!(answer(swarm.client(prompt).arg("--q8")), want);
 }
 
 /// One HTTP/1.1 exchange; returns the status and the body.
@@ -268,7 +253,7 @@ fn http(addr: &str, method: &str, path: &str, body: &str) -> (u16, String) {
 #[test]
 fn a_server_killed_mid_generation_is_replaced_without_changing_the_answer() {
     let Some(model) = default_model() else { return };
-    let want = local_answer(&model, STORY);
+    let want = local_answer(&model, STORY, &[]);
     let mut swarm = Swarm::start(&model, &["0:15", "15:30", "15:30"]);
 
     let mut client = swarm
