@@ -450,8 +450,7 @@ impl Columns {
     /// them meanwhile.
     unsafe fn write(&self, at: usize, run: &[f32]) {
         // Eight floats a store: runs are a few dozen floats, where a call to
-        // `memcpy` for each cost more than the copying (4% of a batched
-        // decode step).
+        // `memcpy` for each cost more than the copying.
         let (eights, rest) = run.as_chunks::<8>();
         // SAFETY: as the caller promises, for every element written.
         unsafe {
