@@ -397,14 +397,14 @@ impl QuantMatrix {
                     tile.resize(width * rows.len(), 0.0);
                     let tile = &mut tile[..];
                     match width {
-                        8 => self.each_row(rows.clone(), tile, tiles.tile::<8>(t)),
-                        7 => self.each_row(rows.clone(), tile, tiles.tile::<7>(t)),
-                        6 => self.each_row(rows.clone(), tile, tiles.tile::<6>(t)),
-                        5 => self.each_row(rows.clone(), tile, tiles.tile::<5>(t)),
-                        4 => self.each_row(rows.clone(), tile, tiles.tile::<4>(t)),
-                        3 => self.each_row(rows.clone(), tile, tiles.tile::<3>(t)),
-                        2 => self.each_row(rows.clone(), tile, tiles.tile::<2>(t)),
-                        _ => self.each_row(rows.clone(), tile, tiles.tile::<1>(t)),
+                        8 => self.each_row(&rows, tile, tiles.tile::<8>(t)),
+                        7 => self.each_row(&rows, tile, tiles.tile::<7>(t)),
+                        6 => self.each_row(&rows, tile, tiles.tile::<6>(t)),
+                        5 => self.each_row(&rows, tile, tiles.tile::<5>(t)),
+                        4 => self.each_row(&rows, tile, tiles.tile::<4>(t)),
+                        3 => self.each_row(&rows, tile, tiles.tile::<3>(t)),
+                        2 => self.each_row(&rows, tile, tiles.tile::<2>(t)),
+                        _ => self.each_row(&rows, tile, tiles.tile::<1>(t)),
                     }
                     for (k, run) in tile.chunks_exact(rows.len()).enumerate() {
                         // SAFETY: `rows` lie within `0..self.rows` and token
@@ -426,12 +426,12 @@ impl QuantMatrix {
     /// `[N, rows]`.
     fn each_row<const N: usize>(
         &self,
-        rows: Range<usize>,
+        rows: &Range<usize>,
         tile: &mut [f32],
         dots: impl Fn(Row<'_>) -> [f32; N],
     ) {
         let n = rows.len();
-        for (i, r) in rows.enumerate() {
+        for (i, r) in rows.clone().enumerate() {
             for (k, v) in dots(self.row(r)).into_iter().enumerate() {
                 tile[k * n + i] = v;
             }
