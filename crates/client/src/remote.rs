@@ -23,6 +23,8 @@ pub struct RemoteModel {
     session: SessionConfig,
     embedding: Embedding,
     head: Head,
+    /// The head's precision, which the servers' should match.
+    precision: Precision,
     tokenizer: Tokenizer,
     template: ChatTemplate,
     max_length: usize,
@@ -78,6 +80,7 @@ impl RemoteModel {
             session,
             embedding,
             head,
+            precision,
             tokenizer,
             template,
         })
@@ -124,7 +127,24 @@ impl RemoteModel {
             max_length,
             ..self.session
         };
-        InferenceSession::open(self.view.clone(), self.bans.clone(), config).await
+        let session = InferenceSession::open(self.view.clone(), self.bans.clone(), config).await?;
+        let ours = self.precision.activation_dtype();
+        // Mixing is allowed (any server may serve any client), but the user
+        // should know why the answers differ from a local run's.
+        if let Ok(others) = self
+            .view
+            .hops_not_computing_in(&session.route(), ours)
+            .await
+        {
+            for (hop, theirs) in others {
+                tracing::warn!(
+                    "server {} computes blocks {} with {theirs} activations, this client with {ours}: answers will differ from one process's",
+                    hop.peer,
+                    hop.span
+                );
+            }
+        }
+        Ok(session)
     }
 
     /// Generates through the swarm, as `model::generate` does locally.

@@ -9,7 +9,7 @@ use tokio::sync::Mutex;
 use wire::{ServerInfo, ServerState};
 
 use crate::error::ClientError;
-use crate::routing::Candidate;
+use crate::routing::{Candidate, Hop};
 
 /// One server as the client sees it.
 #[derive(Debug, Clone)]
@@ -118,6 +118,27 @@ impl SwarmView {
             .iter()
             .filter(|s| s.info.state == ServerState::Online)
             .map(ServerView::candidate)
+            .collect())
+    }
+
+    /// The hops of `route` whose servers announce an activation dtype other
+    /// than `dtype` ([`model::Precision::activation_dtype`]), with theirs: a
+    /// route that mixes precisions gives answers no single process gives.
+    ///
+    /// # Errors
+    /// When the DHT query fails.
+    pub async fn hops_not_computing_in(
+        &self,
+        route: &[Hop],
+        dtype: &str,
+    ) -> Result<Vec<(Hop, String)>, ClientError> {
+        let servers = self.servers().await?;
+        Ok(route
+            .iter()
+            .filter_map(|hop| {
+                let theirs = &servers.iter().find(|s| s.peer == hop.peer)?.info.dtype;
+                (theirs != dtype).then(|| (*hop, theirs.clone()))
+            })
             .collect())
     }
 

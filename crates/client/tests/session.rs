@@ -265,3 +265,37 @@ async fn a_server_that_stops_answering_is_replaced_after_the_request_timeout() {
     assert!(session.route().iter().all(|h| h.peer != stalled.peer_id()));
     session.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn servers_announce_their_activation_precision_and_a_route_that_mixes_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = tiny_model(dir.path(), BLOCKS as usize);
+    let boot = local_node(None).await;
+    let f32_server = server::testing::start(&boot, config(&path, SpanChoice::Fixed(0, 3))).await;
+    let mut q8 = config(&path, SpanChoice::Fixed(3, 6));
+    q8.load.precision = model::Precision::Q8;
+    let q8_server = server::testing::start(&boot, q8).await;
+    let view = SwarmView::new(local_node(Some(&boot)).await, MODEL, BLOCKS);
+    online(&view, 2).await;
+
+    let mut session = InferenceSession::open(view.clone(), bans(), config_of(64))
+        .await
+        .unwrap();
+    let route = session.route();
+    let named = |others: Vec<(client::Hop, String)>| {
+        others
+            .into_iter()
+            .map(|(hop, dtype)| (hop.span.start, dtype))
+            .collect::<Vec<_>>()
+    };
+    let f32_client = view.hops_not_computing_in(&route, "f32").await.unwrap();
+    assert_eq!(named(f32_client), [(3, "q8".to_string())]);
+    let q8_client = view.hops_not_computing_in(&route, "q8").await.unwrap();
+    assert_eq!(named(q8_client), [(0, "f32".to_string())]);
+    // Mixed precisions still serve.
+    let x = Tensor::randn(0f32, 1.0, (1, 2, H), &Device::Cpu).unwrap();
+    assert!(session.step(&x).await.is_ok());
+    session.close().await;
+    f32_server.shutdown().await;
+    q8_server.shutdown().await;
+}

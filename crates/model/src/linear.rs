@@ -24,6 +24,17 @@ pub enum Precision {
     Q8,
 }
 
+impl Precision {
+    /// The activation dtype a server announces in its DHT record
+    /// (`ServerInfo::dtype`): `f32`, or `q8` for activations rounded to 8 bits.
+    pub fn activation_dtype(self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::Q8 => "q8",
+        }
+    }
+}
+
 /// A weight matrix `[out_features, in_features]` and the way to multiply by it.
 #[derive(Debug, Clone)]
 pub enum Linear {

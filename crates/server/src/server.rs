@@ -125,7 +125,7 @@ impl Server {
             throughput: measured,
             cache_tokens_left: config.limits.cache_tokens,
             max_length: config.limits.max_length,
-            dtype: "f32".into(),
+            dtype: config.load.precision.activation_dtype().into(),
             quantization: ckpt.weight_format(),
             version: env!("CARGO_PKG_VERSION").into(),
             wire_version: wire::WIRE_VERSION,
