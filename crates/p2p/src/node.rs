@@ -5,7 +5,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
-use futures::future::join_all;
+use futures::future::{BoxFuture, join_all};
+use futures::stream::FuturesUnordered;
 use libp2p::core::muxing::StreamMuxerBox;
 use libp2p::core::transport::{Boxed, upgrade};
 use libp2p::identity::Keypair;
@@ -29,6 +30,17 @@ use crate::record;
 
 /// How long opening an inference stream, dial included, may take.
 pub const OPEN_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Once a peer has answered a lookup, how long it still waits for more:
+/// this many times what that first answer took, within [`SETTLE_MIN`] and
+/// [`SETTLE_MAX`]. Kademlia would otherwise wait out every peer it was told
+/// of that does not reply (departed peers linger in routing tables, and a
+/// QUIC dial to one waits for its handshake timeout), up to the whole query
+/// timeout: ten seconds for a client's route lookup in a swarm that peers
+/// had left.
+const SETTLE_FACTOR: u32 = 4;
+const SETTLE_MIN: Duration = Duration::from_millis(200);
+const SETTLE_MAX: Duration = Duration::from_secs(2);
 
 /// Milliseconds since the Unix epoch: the clock record expiries use.
 pub fn now_ms() -> u64 {
@@ -166,6 +178,8 @@ impl Node {
             key,
             shared: shared.clone(),
             pending: HashMap::new(),
+            lookups_started: HashMap::new(),
+            settling: FuturesUnordered::new(),
             connecting: HashMap::new(),
             bootstrap: bootstrap.into_iter().map(|(_, a)| a).collect(),
             max_record_ttl_ms: config.max_record_ttl.as_millis() as u64,
@@ -241,6 +255,11 @@ struct EventLoop {
     key: Keypair,
     shared: Arc<Shared>,
     pending: HashMap<QueryId, Pending>,
+    /// When each lookup started, until its answers start to settle.
+    lookups_started: HashMap<QueryId, Instant>,
+    /// Lookups with an answer, each ready when it has waited long enough
+    /// for more ([`SETTLE_FACTOR`]).
+    settling: FuturesUnordered<BoxFuture<'static, QueryId>>,
     /// Callers of [`Command::Connect`] waiting for a dial to finish.
     connecting: HashMap<PeerId, Vec<oneshot::Sender<Result<(), String>>>>,
     bootstrap: Vec<Multiaddr>,
@@ -252,6 +271,7 @@ impl EventLoop {
         loop {
             tokio::select! {
                 event = self.swarm.select_next_some() => self.on_swarm_event(event),
+                Some(id) = self.settling.next(), if !self.settling.is_empty() => self.settle(id),
                 command = commands.recv() => match command {
                     Some(Command::Shutdown { reply }) => {
                         self.close_connections().await;
@@ -338,10 +358,12 @@ impl EventLoop {
                 let id = kad.get_providers(key);
                 self.pending
                     .insert(id, Pending::Providers(HashSet::new(), reply));
+                self.lookups_started.insert(id, Instant::now());
             }
             Command::GetRecord { key, reply } => {
                 let id = kad.get_record(key);
                 self.pending.insert(id, Pending::Record(Vec::new(), reply));
+                self.lookups_started.insert(id, Instant::now());
             }
             Command::AddAddresses { peer, addrs, reply } => {
                 for addr in addrs {
@@ -457,8 +479,11 @@ impl EventLoop {
         match event {
             kad::Event::InboundRequest { request } => self.on_kad_inbound(request),
             kad::Event::OutboundQueryProgressed {
-                id, result, step, ..
-            } => self.on_query(id, result, step.last),
+                id,
+                result,
+                step,
+                stats,
+            } => self.on_query(id, result, step.last, stats.num_successes() > 0),
             _ => {}
         }
     }
@@ -491,7 +516,9 @@ impl EventLoop {
         }
     }
 
-    fn on_query(&mut self, id: QueryId, result: QueryResult, last: bool) {
+    /// `heard` says whether a peer has answered yet: a lookup's first
+    /// results come from the local store, and may be stale.
+    fn on_query(&mut self, id: QueryId, result: QueryResult, last: bool, heard: bool) {
         let Some(pending) = self.pending.remove(&id) else {
             return;
         };
@@ -513,6 +540,7 @@ impl EventLoop {
                         acc.extend(providers);
                     }
                     _ => {
+                        self.lookups_started.remove(&id);
                         let _ = reply.send(acc);
                         return;
                     }
@@ -525,6 +553,7 @@ impl EventLoop {
                         acc.push(peer_record.record.value);
                     }
                     _ => {
+                        self.lookups_started.remove(&id);
                         let _ = reply.send(acc);
                         return;
                     }
@@ -534,6 +563,7 @@ impl EventLoop {
             (p, _) => p,
         };
         if last {
+            self.lookups_started.remove(&id);
             match pending {
                 Pending::Providers(acc, reply) => {
                     let _ = reply.send(acc);
@@ -544,7 +574,42 @@ impl EventLoop {
                 Pending::Put(_) | Pending::Provide => {}
             }
         } else {
+            let answered = match &pending {
+                Pending::Providers(acc, _) => !acc.is_empty(),
+                Pending::Record(acc, _) => !acc.is_empty(),
+                Pending::Put(_) | Pending::Provide => false,
+            };
+            if answered
+                && heard
+                && let Some(started) = self.lookups_started.remove(&id)
+            {
+                let wait = (started.elapsed() * SETTLE_FACTOR).clamp(SETTLE_MIN, SETTLE_MAX);
+                self.settling.push(Box::pin(async move {
+                    tokio::time::sleep(wait).await;
+                    id
+                }));
+            }
             self.pending.insert(id, pending);
+        }
+    }
+
+    /// Answers a lookup with what it has found so far and stops it.
+    fn settle(&mut self, id: QueryId) {
+        let Some(pending) = self.pending.remove(&id) else {
+            // It finished on its own meanwhile.
+            return;
+        };
+        match pending {
+            Pending::Providers(acc, reply) => {
+                let _ = reply.send(acc);
+            }
+            Pending::Record(acc, reply) => {
+                let _ = reply.send(acc);
+            }
+            Pending::Put(_) | Pending::Provide => {}
+        }
+        if let Some(mut query) = self.swarm.behaviour_mut().kad.query_mut(&id) {
+            query.finish();
         }
     }
 }

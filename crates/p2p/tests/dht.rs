@@ -247,3 +247,38 @@ async fn a_burst_of_streams_is_served() {
         client.shutdown().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lookups_do_not_wait_out_peers_that_left() {
+    let boot = start(None).await;
+    let server = start(Some(&boot)).await;
+    let span = Span::new(0, 30).unwrap();
+    let keys: Vec<_> = (0..30).map(|i| record::block_key("m", i)).collect();
+    // Peers that looked the server up and left: they linger in the others'
+    // routing tables, and dials to them go unanswered.
+    for _ in 0..4 {
+        let gone = start(Some(&boot)).await;
+        eventually(10, || async {
+            server
+                .announce(info("m", span, 60_000), keys.clone(), vec![])
+                .await
+                .unwrap();
+            (gone.find_servers("m", 30).await.unwrap().len() == 1).then_some(())
+        })
+        .await;
+        gone.shutdown().await;
+    }
+    let client = start(Some(&boot)).await;
+    // Kademlia alone would wait for the departed peers until the query
+    // timeout; a lookup that has its answer stops within SETTLE_MAX (2 s)
+    // of the first one.
+    let timeout = NodeConfig::local().query_timeout;
+    for _ in 0..2 {
+        let found = tokio::time::timeout(timeout / 2, client.find_servers("m", 30))
+            .await
+            .expect("the lookup settles before the query timeout")
+            .unwrap();
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].0, server.peer_id());
+    }
+}
