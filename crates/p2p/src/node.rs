@@ -328,20 +328,31 @@ impl EventLoop {
                 let mut rec = Record::new(record::server_key(self.swarm.local_peer_id()), value);
                 rec.expires = Some(expiry_instant(info.expires_at_ms));
                 // `put_record` stores locally first; the copies at the closest
-                // peers follow in the background. Waiting for them ties the
-                // caller to the slowest (or a vanished) peer, so only a last
-                // announcement before shutting down waits.
+                // peers follow in the background, after a lookup of those
+                // peers that waits out any that left. A last announcement
+                // before shutting down waits, but only for the closest peers
+                // this node is connected to, which are there to answer.
+                let reached = wait.then(|| self.connected_closest(&rec.key));
                 let kad = &mut self.swarm.behaviour_mut().kad;
-                match kad.put_record(rec, Quorum::One) {
-                    Ok(id) if wait => {
-                        self.pending.insert(id, Pending::Put(Some(reply)));
+                let id = match kad.put_record(rec.clone(), Quorum::One) {
+                    Ok(id) => id,
+                    Err(e) => {
+                        let _ = reply.send(Err(P2pError::Query(e.to_string())));
+                        return;
                     }
-                    Ok(id) => {
+                };
+                match reached {
+                    None => {
                         self.pending.insert(id, Pending::Put(None));
                         let _ = reply.send(Ok(()));
                     }
-                    Err(e) => {
-                        let _ = reply.send(Err(P2pError::Query(e.to_string())));
+                    Some(peers) if peers.is_empty() => {
+                        self.pending.insert(id, Pending::Put(Some(reply)));
+                    }
+                    Some(peers) => {
+                        self.pending.insert(id, Pending::Put(None));
+                        let id = kad.put_record_to(rec, peers.into_iter(), Quorum::One);
+                        self.pending.insert(id, Pending::Put(Some(reply)));
                     }
                 }
                 let kad = &mut self.swarm.behaviour_mut().kad;
@@ -593,6 +604,24 @@ impl EventLoop {
         }
     }
 
+    /// The peers of the routing table closest to `key` (as many as a record
+    /// is replicated to by default) that this node is connected to now.
+    fn connected_closest(&mut self, key: &RecordKey) -> Vec<PeerId> {
+        let target = kad::KBucketKey::new(key.clone());
+        let closest: Vec<PeerId> = self
+            .swarm
+            .behaviour_mut()
+            .kad
+            .get_closest_local_peers(&target)
+            .map(|k| k.into_preimage())
+            .take(kad::K_VALUE.get())
+            .collect();
+        closest
+            .into_iter()
+            .filter(|p| self.swarm.is_connected(p))
+            .collect()
+    }
+
     /// Answers a lookup with what it has found so far and stops it.
     fn settle(&mut self, id: QueryId) {
         let Some(pending) = self.pending.remove(&id) else {
@@ -686,9 +715,10 @@ impl NodeHandle {
         .await?
     }
 
-    /// Like [`announce`](Self::announce), but returns only once the record
-    /// reached the peers closest to its key, or `timeout` passed: the last
-    /// announcement before the node stops.
+    /// Like [`announce`](Self::announce), but returns only once one of the
+    /// peers closest to its key that this node is connected to has stored
+    /// the record (any peer, when none of them is connected), or `timeout`
+    /// passed: the last announcement before the node stops.
     ///
     /// # Errors
     /// When the node has stopped or the record cannot be signed.

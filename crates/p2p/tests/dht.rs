@@ -282,3 +282,39 @@ async fn lookups_do_not_wait_out_peers_that_left() {
         assert_eq!(found[0].0, server.peer_id());
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_last_announcement_does_not_wait_out_peers_that_left() {
+    let boot = start(None).await;
+    let server = start(Some(&boot)).await;
+    let client = start(Some(&boot)).await;
+    let span = Span::new(0, 30).unwrap();
+    let keys: Vec<_> = (0..30).map(|i| record::block_key("m", i)).collect();
+    // A peer that looked the server up and left: it lingers in the
+    // server's routing table, and dials to it go unanswered.
+    let gone = start(Some(&boot)).await;
+    for looking in [&gone, &client] {
+        eventually(10, || async {
+            server
+                .announce(info("m", span, 60_000), keys.clone(), vec![])
+                .await
+                .unwrap();
+            (looking.find_servers("m", 30).await.unwrap().len() == 1).then_some(())
+        })
+        .await;
+    }
+    gone.shutdown().await;
+
+    let mut offline = info("m", span, 60_000);
+    offline.state = ServerState::Offline;
+    let timeout = NodeConfig::local().query_timeout;
+    tokio::time::timeout(
+        timeout / 2,
+        server.announce_final(offline, keys.clone(), timeout),
+    )
+    .await
+    .expect("the connected peers answer before the query timeout")
+    .unwrap();
+    let seen = client.server_info(&server.peer_id()).await.unwrap();
+    assert_eq!(seen.map(|i| i.state), Some(ServerState::Offline));
+}
