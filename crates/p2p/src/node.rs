@@ -91,6 +91,30 @@ enum Pending {
     Record(Vec<Vec<u8>>, oneshot::Sender<Vec<Vec<u8>>>),
 }
 
+impl Pending {
+    /// Whether a lookup has found anything yet.
+    fn found_any(&self) -> bool {
+        match self {
+            Pending::Providers(acc, _) => !acc.is_empty(),
+            Pending::Record(acc, _) => !acc.is_empty(),
+            Pending::Put(_) | Pending::Provide => false,
+        }
+    }
+
+    /// Answers a lookup with what it has found.
+    fn answer(self) {
+        match self {
+            Pending::Providers(acc, reply) => {
+                let _ = reply.send(acc);
+            }
+            Pending::Record(acc, reply) => {
+                let _ = reply.send(acc);
+            }
+            Pending::Put(_) | Pending::Provide => {}
+        }
+    }
+}
+
 /// What the event loop shares with handles without a round trip.
 #[derive(Default)]
 struct Shared {
@@ -575,22 +599,9 @@ impl EventLoop {
         };
         if last {
             self.lookups_started.remove(&id);
-            match pending {
-                Pending::Providers(acc, reply) => {
-                    let _ = reply.send(acc);
-                }
-                Pending::Record(acc, reply) => {
-                    let _ = reply.send(acc);
-                }
-                Pending::Put(_) | Pending::Provide => {}
-            }
+            pending.answer();
         } else {
-            let answered = match &pending {
-                Pending::Providers(acc, _) => !acc.is_empty(),
-                Pending::Record(acc, _) => !acc.is_empty(),
-                Pending::Put(_) | Pending::Provide => false,
-            };
-            if answered
+            if pending.found_any()
                 && heard
                 && let Some(started) = self.lookups_started.remove(&id)
             {
@@ -628,15 +639,7 @@ impl EventLoop {
             // It finished on its own meanwhile.
             return;
         };
-        match pending {
-            Pending::Providers(acc, reply) => {
-                let _ = reply.send(acc);
-            }
-            Pending::Record(acc, reply) => {
-                let _ = reply.send(acc);
-            }
-            Pending::Put(_) | Pending::Provide => {}
-        }
+        pending.answer();
         if let Some(mut query) = self.swarm.behaviour_mut().kad.query_mut(&id) {
             query.finish();
         }

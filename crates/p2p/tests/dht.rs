@@ -248,24 +248,29 @@ async fn a_burst_of_streams_is_served() {
     }
 }
 
+/// Has `server` announce blocks 0..30 of model "m" until `looking` finds it.
+async fn announce_until_found(server: &NodeHandle, looking: &NodeHandle) {
+    let span = Span::new(0, 30).unwrap();
+    let keys: Vec<_> = (0..30).map(|i| record::block_key("m", i)).collect();
+    eventually(10, || async {
+        server
+            .announce(info("m", span, 60_000), keys.clone(), vec![])
+            .await
+            .unwrap();
+        (looking.find_servers("m", 30).await.unwrap().len() == 1).then_some(())
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lookups_do_not_wait_out_peers_that_left() {
     let boot = start(None).await;
     let server = start(Some(&boot)).await;
-    let span = Span::new(0, 30).unwrap();
-    let keys: Vec<_> = (0..30).map(|i| record::block_key("m", i)).collect();
     // Peers that looked the server up and left: they linger in the others'
     // routing tables, and dials to them go unanswered.
     for _ in 0..4 {
         let gone = start(Some(&boot)).await;
-        eventually(10, || async {
-            server
-                .announce(info("m", span, 60_000), keys.clone(), vec![])
-                .await
-                .unwrap();
-            (gone.find_servers("m", 30).await.unwrap().len() == 1).then_some(())
-        })
-        .await;
+        announce_until_found(&server, &gone).await;
         gone.shutdown().await;
     }
     let client = start(Some(&boot)).await;
@@ -288,23 +293,16 @@ async fn a_last_announcement_does_not_wait_out_peers_that_left() {
     let boot = start(None).await;
     let server = start(Some(&boot)).await;
     let client = start(Some(&boot)).await;
-    let span = Span::new(0, 30).unwrap();
-    let keys: Vec<_> = (0..30).map(|i| record::block_key("m", i)).collect();
     // A peer that looked the server up and left: it lingers in the
     // server's routing table, and dials to it go unanswered.
     let gone = start(Some(&boot)).await;
     for looking in [&gone, &client] {
-        eventually(10, || async {
-            server
-                .announce(info("m", span, 60_000), keys.clone(), vec![])
-                .await
-                .unwrap();
-            (looking.find_servers("m", 30).await.unwrap().len() == 1).then_some(())
-        })
-        .await;
+        announce_until_found(&server, looking).await;
     }
     gone.shutdown().await;
 
+    let span = Span::new(0, 30).unwrap();
+    let keys: Vec<_> = (0..30).map(|i| record::block_key("m", i)).collect();
     let mut offline = info("m", span, 60_000);
     offline.state = ServerState::Offline;
     let timeout = NodeConfig::local().query_timeout;
