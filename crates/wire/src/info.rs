@@ -101,7 +101,8 @@ pub struct ServerInfo {
     pub cache_tokens_left: u64,
     /// Longest session it accepts.
     pub max_length: u32,
-    /// Activation dtype of its compute, e.g. `f32`.
+    /// Activation dtype of its compute: `f32`, or `q8` for activations
+    /// rounded to 8 bits per block against quantized weights.
     pub dtype: String,
     /// Weight format, e.g. `Q4_1`.
     pub quantization: String,
