@@ -84,30 +84,37 @@ enum Command {
     },
 }
 
+/// A query's caller. A lookup holds what it has found so far, and when it
+/// started until it is set to settle ([`SETTLE_FACTOR`]).
 enum Pending {
     Put(Option<oneshot::Sender<Result<(), P2pError>>>),
     Provide,
-    Providers(HashSet<PeerId>, oneshot::Sender<HashSet<PeerId>>),
-    Record(Vec<Vec<u8>>, oneshot::Sender<Vec<Vec<u8>>>),
+    Providers(
+        HashSet<PeerId>,
+        oneshot::Sender<HashSet<PeerId>>,
+        Option<Instant>,
+    ),
+    Record(Vec<Vec<u8>>, oneshot::Sender<Vec<Vec<u8>>>, Option<Instant>),
 }
 
 impl Pending {
-    /// Whether a lookup has found anything yet.
-    fn found_any(&self) -> bool {
+    /// A lookup that has found something and is not yet set to settle:
+    /// when it started, taken so that it settles once.
+    fn take_start_if_found(&mut self) -> Option<Instant> {
         match self {
-            Pending::Providers(acc, _) => !acc.is_empty(),
-            Pending::Record(acc, _) => !acc.is_empty(),
-            Pending::Put(_) | Pending::Provide => false,
+            Pending::Providers(acc, _, started) if !acc.is_empty() => started.take(),
+            Pending::Record(acc, _, started) if !acc.is_empty() => started.take(),
+            _ => None,
         }
     }
 
     /// Answers a lookup with what it has found.
     fn answer(self) {
         match self {
-            Pending::Providers(acc, reply) => {
+            Pending::Providers(acc, reply, _) => {
                 let _ = reply.send(acc);
             }
-            Pending::Record(acc, reply) => {
+            Pending::Record(acc, reply, _) => {
                 let _ = reply.send(acc);
             }
             Pending::Put(_) | Pending::Provide => {}
@@ -202,7 +209,6 @@ impl Node {
             key,
             shared: shared.clone(),
             pending: HashMap::new(),
-            lookups_started: HashMap::new(),
             settling: FuturesUnordered::new(),
             connecting: HashMap::new(),
             bootstrap: bootstrap.into_iter().map(|(_, a)| a).collect(),
@@ -279,8 +285,6 @@ struct EventLoop {
     key: Keypair,
     shared: Arc<Shared>,
     pending: HashMap<QueryId, Pending>,
-    /// When each lookup started, until its answers start to settle.
-    lookups_started: HashMap<QueryId, Instant>,
     /// Lookups with an answer, each ready when it has waited long enough
     /// for more ([`SETTLE_FACTOR`]).
     settling: FuturesUnordered<BoxFuture<'static, QueryId>>,
@@ -391,14 +395,15 @@ impl EventLoop {
             }
             Command::GetProviders { key, reply } => {
                 let id = kad.get_providers(key);
-                self.pending
-                    .insert(id, Pending::Providers(HashSet::new(), reply));
-                self.lookups_started.insert(id, Instant::now());
+                self.pending.insert(
+                    id,
+                    Pending::Providers(HashSet::new(), reply, Some(Instant::now())),
+                );
             }
             Command::GetRecord { key, reply } => {
                 let id = kad.get_record(key);
-                self.pending.insert(id, Pending::Record(Vec::new(), reply));
-                self.lookups_started.insert(id, Instant::now());
+                self.pending
+                    .insert(id, Pending::Record(Vec::new(), reply, Some(Instant::now())));
             }
             Command::AddAddresses { peer, addrs, reply } => {
                 for addr in addrs {
@@ -557,7 +562,7 @@ impl EventLoop {
         let Some(pending) = self.pending.remove(&id) else {
             return;
         };
-        let pending = match (pending, result) {
+        let mut pending = match (pending, result) {
             (Pending::Put(reply), QueryResult::PutRecord(r)) => {
                 // Too few peers for a quorum is normal in a young swarm; the
                 // record is stored locally either way.
@@ -569,42 +574,36 @@ impl EventLoop {
                 }
                 Pending::Put(None)
             }
-            (Pending::Providers(mut acc, reply), QueryResult::GetProviders(r)) => {
+            (Pending::Providers(mut acc, reply, started), QueryResult::GetProviders(r)) => {
                 match r {
                     Ok(kad::GetProvidersOk::FoundProviders { providers, .. }) => {
                         acc.extend(providers);
                     }
                     _ => {
-                        self.lookups_started.remove(&id);
                         let _ = reply.send(acc);
                         return;
                     }
                 }
-                Pending::Providers(acc, reply)
+                Pending::Providers(acc, reply, started)
             }
-            (Pending::Record(mut acc, reply), QueryResult::GetRecord(r)) => {
+            (Pending::Record(mut acc, reply, started), QueryResult::GetRecord(r)) => {
                 match r {
                     Ok(kad::GetRecordOk::FoundRecord(peer_record)) => {
                         acc.push(peer_record.record.value);
                     }
                     _ => {
-                        self.lookups_started.remove(&id);
                         let _ = reply.send(acc);
                         return;
                     }
                 }
-                Pending::Record(acc, reply)
+                Pending::Record(acc, reply, started)
             }
             (p, _) => p,
         };
         if last {
-            self.lookups_started.remove(&id);
             pending.answer();
         } else {
-            if pending.found_any()
-                && heard
-                && let Some(started) = self.lookups_started.remove(&id)
-            {
+            if heard && let Some(started) = pending.take_start_if_found() {
                 let wait = (started.elapsed() * SETTLE_FACTOR).clamp(SETTLE_MIN, SETTLE_MAX);
                 self.settling.push(Box::pin(async move {
                     tokio::time::sleep(wait).await;
