@@ -537,6 +537,34 @@ fn q8_element(layout: QuantLayout, p: usize) -> usize {
     }
 }
 
+/// One block of activations rounded to 8 bits.
+struct RoundedBlock {
+    /// `x / d` rounded, in the order the kernels meet the block's weights
+    /// ([`q8_element`]).
+    quants: [i8; BLOCK],
+    /// The scale, `max|x| / 127`.
+    d: f32,
+    /// The sum of `quants`.
+    sum: i32,
+}
+
+/// Rounds a block to `d * q`, `d = max|x| / 127`: each `q` is `(x / d).round()`
+/// cast to `i8` as `as` casts (saturating, NaN to 0), the reference every
+/// vector version ([`avx2::round_block`]) matches bit for bit.
+fn round_block(block: &[f32; BLOCK], layout: QuantLayout) -> RoundedBlock {
+    let amax = block
+        .iter()
+        .fold(0f32, |m, v| if v.abs() > m { v.abs() } else { m });
+    let d = amax / 127.0;
+    let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+    let rounded = block.map(|v| (v * inv).round() as i8);
+    RoundedBlock {
+        quants: std::array::from_fn(|p| rounded[q8_element(layout, p)]),
+        d,
+        sum: rounded.iter().map(|&q| i32::from(q)).sum(),
+    }
+}
+
 /// One row's blocks.
 #[derive(Clone, Copy)]
 struct Row<'a> {
@@ -705,9 +733,9 @@ struct Q8Activations {
 impl Q8Activations {
     /// Rounds each 32-block of `x` to `d * q`, `d = max|x| / 127`, `q` in
     /// -127..=127 (llama.cpp's Q8_1, with its scales kept in f32), for
-    /// weights in `layout` and the order `kernel` reads. On x86-64 the x86
-    /// kernels' loop is built for AVX2, where rounding is an instruction
-    /// rather than a call to `roundf` per element; the results are the same.
+    /// weights in `layout` and the order `kernel` reads. The x86 kernels
+    /// round with [`avx2::round_block`], the others with [`round_block`]; the
+    /// results are the same.
     fn quantize(x: &[f32], cols: usize, layout: QuantLayout, kernel: Kernel) -> Self {
         let order = Q8Order::of(kernel);
         #[cfg(target_arch = "x86_64")]
@@ -715,7 +743,7 @@ impl Q8Activations {
             // SAFETY: `has_avx2`.
             return unsafe { Self::quantize_avx2(x, cols, layout, order) };
         }
-        Self::quantize_blocks(x, cols, layout, order)
+        Self::quantize_blocks(x, cols, order, |block| round_block(block, layout))
     }
 
     /// # Safety
@@ -723,11 +751,22 @@ impl Q8Activations {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn quantize_avx2(x: &[f32], cols: usize, layout: QuantLayout, order: Q8Order) -> Self {
-        Self::quantize_blocks(x, cols, layout, order)
+        // SAFETY: the caller guarantees AVX2 and FMA.
+        Self::quantize_blocks(x, cols, order, |block| unsafe {
+            avx2::round_block(block, layout)
+        })
     }
 
+    /// Rounds every block of `x` with `round` (which returns the block's
+    /// integers in the kernel's order within the block, its scale and the
+    /// sum of its integers) and lays them out in `order`.
     #[inline(always)]
-    fn quantize_blocks(x: &[f32], cols: usize, layout: QuantLayout, order: Q8Order) -> Self {
+    fn quantize_blocks(
+        x: &[f32],
+        cols: usize,
+        order: Q8Order,
+        round: impl Fn(&[f32; BLOCK]) -> RoundedBlock,
+    ) -> Self {
         let blocks = cols / BLOCK;
         let slots = order.slots(blocks);
         let tokens = x.len() / cols;
@@ -738,46 +777,18 @@ impl Q8Activations {
             sums: vec![0.0; tokens * slots],
             cols,
         };
-        let element: [usize; BLOCK] = std::array::from_fn(|p| q8_element(layout, p));
-        for (i, block) in x.chunks_exact(BLOCK).enumerate() {
+        let (whole, _) = x.as_chunks::<BLOCK>();
+        for (i, block) in whole.iter().enumerate() {
             let (t, b) = (i / blocks, i % blocks);
-            // Eight lanes of maxima and the rounding in element order, so
-            // both vectorize (max is exact in any order); the kernel's
-            // order is a byte shuffle afterwards.
-            let mut lanes = [0f32; 8];
-            for chunk in block.chunks_exact(8) {
-                for (m, v) in lanes.iter_mut().zip(chunk) {
-                    // `f32::max` as a compare (NaNs lose either way), which
-                    // is one instruction on eight lanes.
-                    *m = if v.abs() > *m { v.abs() } else { *m };
-                }
-            }
-            let amax = lanes.into_iter().fold(0f32, f32::max);
-            let d = amax / 127.0;
-            let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
-            let mut rounded = [0i8; BLOCK];
-            for (q, &v) in rounded.iter_mut().zip(block) {
-                // What a saturating `as i8` gives (NaN to 0, in range
-                // otherwise by construction but for subnormal blocks), in a
-                // form that vectorizes.
-                let y = v * inv;
-                let y = if y.is_nan() {
-                    0.0
-                } else {
-                    y.round().clamp(-128.0, 127.0)
-                };
-                // SAFETY: `y` is an integer in -128..=127.
-                *q = unsafe { y.to_int_unchecked::<i32>() } as i8;
-            }
-            let sum: i32 = rounded.iter().map(|&q| i32::from(q)).sum();
-            let mut quants = [0i8; BLOCK];
-            for (q, &e) in quants.iter_mut().zip(&element) {
-                *q = rounded[e];
-            }
+            let RoundedBlock { quants, d, sum } = round(block);
             let (start, step, slot) = order.place(blocks, b);
             let token = &mut out.quants[t * cols..(t + 1) * cols];
-            for (c, piece) in quants.chunks_exact(4).enumerate() {
-                token[start + c * step..][..4].copy_from_slice(piece);
+            if step == 4 {
+                token[start..start + BLOCK].copy_from_slice(&quants);
+            } else {
+                for (c, piece) in quants.chunks_exact(4).enumerate() {
+                    token[start + c * step..][..4].copy_from_slice(piece);
+                }
             }
             // An eighth is exact, so eight lanes sum back to the block's sum.
             let copies = order.copies(blocks, b);
@@ -1173,13 +1184,15 @@ mod tests {
             (0..BLOCK).map(|i| i as f32 - 15.5).collect(),
         ];
         for block in blocks {
-            // Int8 in block order keeps each block's values in order.
-            let got = Q8Activations::quantize(&block, BLOCK, QuantLayout::Int8, Kernel::Scalar);
             let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
             let d = amax / 127.0;
             let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
             let want: Vec<i8> = block.iter().map(|v| (v * inv).round() as i8).collect();
-            assert_eq!(got.quants, want, "{block:?}");
+            // Int8 keeps a lone block's values in order, in every layout.
+            for kernel in Kernel::supported() {
+                let got = Q8Activations::quantize(&block, BLOCK, QuantLayout::Int8, kernel);
+                assert_eq!(got.quants, want, "{kernel:?} {block:?}");
+            }
         }
     }
 
