@@ -1,7 +1,9 @@
 //! What the client knows of one model's servers: their DHT records and our
-//! round trips to them, refreshed at most every `max_age`.
+//! round trips to them, refreshed at most every `max_age`, in the
+//! background while an older answer still serves.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use p2p::{Multiaddr, NodeHandle, PeerId};
@@ -37,6 +39,10 @@ impl ServerView {
     }
 }
 
+/// How old a cached answer may be and still serve while a lookup refreshes
+/// it; older than this, a caller waits for the lookup.
+const STALE_LIMIT: Duration = Duration::from_secs(60);
+
 /// The servers of one model, cached.
 #[derive(Debug, Clone)]
 pub struct SwarmView {
@@ -45,6 +51,8 @@ pub struct SwarmView {
     num_blocks: u32,
     max_age: Duration,
     cache: Arc<Mutex<Option<Snapshot>>>,
+    /// Whether a background lookup is under way.
+    refreshing: Arc<AtomicBool>,
 }
 
 /// The last DHT answer and when it came.
@@ -59,7 +67,15 @@ impl SwarmView {
             num_blocks,
             max_age: Duration::from_secs(5),
             cache: Arc::new(Mutex::new(None)),
+            refreshing: Arc::new(AtomicBool::new(false)),
         }
+    }
+
+    /// The same view, its answers refreshed once older than `max_age`
+    /// (five seconds unless set).
+    pub fn with_max_age(mut self, max_age: Duration) -> Self {
+        self.max_age = max_age;
+        self
     }
 
     /// The model id.
@@ -77,19 +93,51 @@ impl SwarmView {
         &self.node
     }
 
-    /// Servers announced within `max_age`, querying the DHT when the last
-    /// answer is older. Every server's announced addresses are handed to the
-    /// node, so opening a stream to it can dial.
+    /// Servers announced within `max_age`. An older answer (up to a minute)
+    /// still serves while a lookup refreshes it in the background, as
+    /// Petals' sequence manager does: a lookup in a swarm that peers have
+    /// left waits out its settle time (200 ms or more), which every session
+    /// opened just after the cache expired used to pay. With no answer, or
+    /// one older than that, the caller waits for the lookup. Every server's
+    /// announced addresses are handed to the node, so opening a stream to
+    /// it can dial.
     ///
     /// # Errors
     /// When the DHT query fails.
     pub async fn servers(&self) -> Result<Vec<ServerView>, ClientError> {
         let mut cache = self.cache.lock().await;
-        if let Some((at, servers)) = cache.as_ref()
-            && at.elapsed() < self.max_age
-        {
-            return Ok(self.with_rtts(servers.clone()));
+        if let Some((at, servers)) = cache.as_ref() {
+            let age = at.elapsed();
+            if age >= self.max_age && age < STALE_LIMIT {
+                self.refresh_in_background();
+            }
+            if age < STALE_LIMIT {
+                return Ok(self.with_rtts(servers.clone()));
+            }
         }
+        let servers = self.lookup().await?;
+        *cache = Some((Instant::now(), servers.clone()));
+        Ok(self.with_rtts(servers))
+    }
+
+    /// Starts a lookup that replaces the cached answer, unless one is
+    /// already under way.
+    fn refresh_in_background(&self) {
+        if self.refreshing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let view = self.clone();
+        tokio::spawn(async move {
+            match view.lookup().await {
+                Ok(servers) => *view.cache.lock().await = Some((Instant::now(), servers)),
+                Err(e) => tracing::debug!(model = %view.model, "refreshing the swarm view: {e}"),
+            }
+            view.refreshing.store(false, Ordering::Release);
+        });
+    }
+
+    /// Asks the DHT for the model's servers.
+    async fn lookup(&self) -> Result<Vec<ServerView>, ClientError> {
         let found = self.node.find_servers(&self.model, self.num_blocks).await?;
         let mut servers = Vec::with_capacity(found.len());
         for (peer, info) in found {
@@ -103,8 +151,7 @@ impl SwarmView {
                 rtt: None,
             });
         }
-        *cache = Some((Instant::now(), servers.clone()));
-        Ok(self.with_rtts(servers))
+        Ok(servers)
     }
 
     /// Online servers, as routing candidates.

@@ -1,6 +1,7 @@
 //! Sessions through servers on 127.0.0.1 over a tiny random model: the chain
 //! computes what one process would, survives a server that vanishes
-//! mid-session or stops answering, and names the blocks nobody serves.
+//! mid-session or stops answering, and names the blocks nobody serves; the
+//! client's view of the swarm answers from its cache while it refreshes.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -298,4 +299,25 @@ async fn servers_announce_their_activation_precision_and_a_route_that_mixes_is_n
     session.close().await;
     f32_server.shutdown().await;
     q8_server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_view_answers_at_once_and_refreshes_behind_the_caller() {
+    let s = swarm(&[(0, 6)]).await;
+    // Every answer is stale as soon as it is cached.
+    let view =
+        SwarmView::new(local_node(Some(&s.boot)).await, MODEL, BLOCKS).with_max_age(Duration::ZERO);
+    online(&view, 1).await;
+    let node = local_node(Some(&s.boot)).await;
+    let _second = Server::start(config(&s.path, SpanChoice::Fixed(0, 6)), node)
+        .await
+        .unwrap();
+    // The cached answer comes back without waiting for a lookup, even one
+    // that would now find the second server...
+    assert_eq!(view.candidates().await.unwrap().len(), 1);
+    // ...and the lookup it started lands for later calls.
+    eventually(20, || async {
+        (view.candidates().await.unwrap().len() == 2).then_some(())
+    })
+    .await;
 }
