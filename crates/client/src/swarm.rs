@@ -108,10 +108,10 @@ impl SwarmView {
         let mut cache = self.cache.lock().await;
         if let Some((at, servers)) = cache.as_ref() {
             let age = at.elapsed();
-            if age >= self.max_age && age < STALE_LIMIT {
-                self.refresh_in_background();
-            }
             if age < STALE_LIMIT {
+                if age >= self.max_age {
+                    self.refresh_in_background();
+                }
                 return Ok(self.with_rtts(servers.clone()));
             }
         }

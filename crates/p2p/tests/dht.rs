@@ -248,10 +248,15 @@ async fn a_burst_of_streams_is_served() {
     }
 }
 
-/// Has `server` announce blocks 0..30 of model "m" until `looking` finds it.
-async fn announce_until_found(server: &NodeHandle, looking: &NodeHandle) {
+/// Blocks 0..30 of model "m", and their DHT keys.
+fn whole_model() -> (Span, Vec<kad::RecordKey>) {
     let span = Span::new(0, 30).unwrap();
-    let keys: Vec<_> = (0..30).map(|i| record::block_key("m", i)).collect();
+    (span, (0..30).map(|i| record::block_key("m", i)).collect())
+}
+
+/// Has `server` announce all of model "m" until `looking` finds it.
+async fn announce_until_found(server: &NodeHandle, looking: &NodeHandle) {
+    let (span, keys) = whole_model();
     eventually(10, || async {
         server
             .announce(info("m", span, 60_000), keys.clone(), vec![])
@@ -301,18 +306,14 @@ async fn a_last_announcement_does_not_wait_out_peers_that_left() {
     }
     gone.shutdown().await;
 
-    let span = Span::new(0, 30).unwrap();
-    let keys: Vec<_> = (0..30).map(|i| record::block_key("m", i)).collect();
+    let (span, keys) = whole_model();
     let mut offline = info("m", span, 60_000);
     offline.state = ServerState::Offline;
     let timeout = NodeConfig::local().query_timeout;
-    tokio::time::timeout(
-        timeout / 2,
-        server.announce_final(offline, keys.clone(), timeout),
-    )
-    .await
-    .expect("the connected peers answer before the query timeout")
-    .unwrap();
+    tokio::time::timeout(timeout / 2, server.announce_final(offline, keys, timeout))
+        .await
+        .expect("the connected peers answer before the query timeout")
+        .unwrap();
     let seen = client.server_info(&server.peer_id()).await.unwrap();
     assert_eq!(seen.map(|i| i.state), Some(ServerState::Offline));
 }
