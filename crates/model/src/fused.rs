@@ -4,6 +4,7 @@
 //! its attention as a dozen small ops (two of them tiny GEMMs, each with its
 //! own dispatch) and its SiLU-times-up as two passes with a temporary: at
 //! this size the dispatch and allocation cost more than the arithmetic.
+//! Prompts take the same attention, each position as its own step would.
 //! `llama.rs` uses these on the CPU when no gradient is needed; the training
 //! path keeps candle's ops, which have a backward, and GPUs keep theirs.
 

@@ -533,7 +533,12 @@ impl BlockSpan {
             Some(kv) => kv.append(&k, &v)?,
             None => (k, v),
         };
-        if t == 1 && fused(differentiable, &q) {
+        // Prompts too: the fused kernel gives each query what a step at its
+        // position alone gets, sum for sum, so a prompt and the steps that
+        // replay it agree to the bit; and it streams the cache where
+        // candle's ops build a score matrix per head (a 1024-token prompt
+        // through 10 blocks: 1.0 s -> 0.42 s).
+        if fused(differentiable, &q) {
             return crate::fused::cached_attention(&q, &k, &v);
         }
         let s = k.dim(2)?;

@@ -174,8 +174,12 @@ fn cached_decoding_equals_the_full_pass() {
         rows.push(m.model.head.forward_all(&h).unwrap());
     }
     let stepped = candle_core::Tensor::cat(&rows, 1).unwrap();
+    // Exactly, on the CPU: the quantized matmuls and the attention give a
+    // position the same sums in a prompt as in a step of its own, so
+    // replaying a session's inputs (a replacement server, a truncated
+    // cache) reproduces it.
     let diff = max_diff(&stepped, &full);
-    assert!(diff < 1e-3, "{diff}");
+    assert!(diff == 0.0, "{diff}");
 }
 
 #[test]
