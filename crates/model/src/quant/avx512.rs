@@ -377,7 +377,8 @@ unsafe fn tail_dots<const N: usize, const INT8: bool>(
     let nb = m.cols / BLOCK;
     let whole = nb - TAIL;
     let n = tile.len() / N;
-    debug_assert!(tail.count <= TAIL_ROWS && tail.first + tail.count <= n);
+    // Once per eight rows, and the masked store below relies on it.
+    assert!(tail.count <= TAIL_ROWS && tail.first + tail.count <= n);
     let present = |r: usize| r < tail.count;
     let rows: __mmask8 = ((1u32 << tail.count) - 1) as __mmask8;
     // Row r's two scales (and offsets), as one 64-bit lane.
