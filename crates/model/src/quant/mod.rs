@@ -1131,10 +1131,19 @@ mod tests {
     #[test]
     fn q8_matmul_is_the_product_with_rounded_activations() {
         // 5 blocks (less than a group of AVX-512's), 33 (two and one) and
-        // 18 (one and two, summed across rows).
-        for (dtype, (rows, cols)) in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0]
+        // 18 (one and two, summed across rows). `drift` bounds how far
+        // rounding moves a result off the f32 product, relative to 1 + |it|:
+        // the rounded reference itself reaches 0.086 on the 576-column
+        // matrices' 13 tokens, where a result near zero meets the error.
+        for (dtype, (rows, cols, drift)) in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0]
             .into_iter()
-            .flat_map(|d| [(d, (37, 160)), (d, (5, 1056)), (d, (37, 576))])
+            .flat_map(|d| {
+                [
+                    (d, (37, 160, 0.05)),
+                    (d, (5, 1056, 0.05)),
+                    (d, (37, 576, 0.1)),
+                ]
+            })
         {
             let (m, w) = quantized(dtype, rows, cols);
             for tokens in [1, 4, 6, 13] {
@@ -1153,9 +1162,7 @@ mod tests {
                             (g - w).abs() < 1e-4 * (1.0 + w.abs()),
                             "{dtype:?} {kernel:?}"
                         );
-                        // Rounding moves each result a little off the f32
-                        // product: a sum of independent errors, one a column.
-                        let drift = 0.05 * (cols as f32 / 160.0).sqrt();
+                        // Rounding moves each result a little off the f32 product.
                         assert!(
                             (g - e).abs() < drift * (1.0 + e.abs()),
                             "{dtype:?} {kernel:?} {g} vs {e}"
