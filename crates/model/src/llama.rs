@@ -241,7 +241,14 @@ impl BlockSpan {
         bind(&self.device)?;
         let hidden = hidden.to_dtype(DType::F32)?.to_device(&self.device)?;
         let (cos, sin) = rope_tables(c, pos, t, &self.device)?;
-        let mask = causal_mask(pos, t, &self.device)?;
+        // With a cache nothing here is differentiable, and the fused
+        // attention masks by position itself: only candle's ops (on a GPU)
+        // read the mask, a prompt-by-context matrix.
+        let mask = if fused(false, &hidden) {
+            None
+        } else {
+            causal_mask(pos, t, &self.device)?
+        };
         let weights = &self.blocks[blocks.start - self.range.start..blocks.end - self.range.start];
         // Run the blocks on a worker of the compute pool: the kernels' parallel
         // loops then fork from a worker (cheap) instead of parking this thread
