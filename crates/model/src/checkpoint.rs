@@ -291,7 +291,10 @@ impl Checkpoint {
             precision: Precision::F32,
             ..options.clone()
         };
-        let w = self.load_linear(&mut reader, Name::Global(GlobalTensor::Embedding), &opts)?;
+        // A head tied to the table multiplies by it at `options.precision`.
+        let w = self
+            .load_linear(&mut reader, Name::Global(GlobalTensor::Embedding), &opts)?
+            .at(options.precision);
         check_shape("token embedding", &w.dims(), &[c.vocab_size, c.hidden_size])?;
         Embedding::new(w, &options.device)
     }

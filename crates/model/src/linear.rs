@@ -72,9 +72,26 @@ impl Linear {
             .then(|| QuantMatrix::from_ggml(q.dtype(), &q.data().ok()?, rows, cols))
             .flatten();
         match (repacked, precision) {
-            (Some(m), precision) => Ok(Self::Quant(Arc::new(m), precision)),
+            (Some(m), precision) => Ok(Self::Quant(Arc::new(m), precision).at(precision)),
             (None, Precision::Q8) => Ok(Self::Candle(Arc::new(QMatMul::from_qtensor(q)?))),
             (None, Precision::F32) => Self::dense(q.dequantize(device)?),
+        }
+    }
+
+    /// The layer with activations at `precision`, its blocks (if this
+    /// crate's kernels run it) arranged for the kernel that precision takes
+    /// on this CPU.
+    pub fn at(self, precision: Precision) -> Self {
+        match self {
+            Self::Quant(m, _) => {
+                let m = Arc::unwrap_or_clone(m);
+                let m = match precision {
+                    Precision::Q8 => m.for_q8(Kernel::detect()),
+                    Precision::F32 => m,
+                };
+                Self::Quant(Arc::new(m), precision)
+            }
+            other => other,
         }
     }
 

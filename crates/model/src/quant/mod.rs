@@ -54,17 +54,63 @@ impl QuantLayout {
             Self::Int8 => BLOCK,
         }
     }
+
+    /// What [`Arrangement::Panels`] adds to each integer byte (wrapping):
+    /// `vpdpbusd` takes one operand unsigned, and the activations are signed.
+    const fn panel_offset(self) -> u8 {
+        match self {
+            Self::Nibbles => 0,
+            Self::Int8 => 0x80,
+        }
+    }
 }
 
-/// A row-major `rows x cols` weight matrix in a repacked quantized layout.
+/// Where block `b` of row `r` lies in [`Arrangement::Panels`] (rows of `nb`
+/// blocks of `bb` bytes): the first byte of its panel's block, and the row's
+/// slot among the block's scales.
+fn panel_place(r: usize, b: usize, nb: usize, bb: usize) -> (usize, usize) {
+    let block = (r / PANEL) * nb + b;
+    (block * PANEL * bb, block * PANEL + r % PANEL)
+}
+
+/// Where byte `j` of a row's block lies in its panel's block: four bytes of
+/// each row to a 64-byte vector, row `r % PANEL` in lane `r % PANEL`.
+fn panel_byte(r: usize, j: usize) -> usize {
+    (j / 4) * 4 * PANEL + (r % PANEL) * 4 + j % 4
+}
+
+/// How a [`QuantMatrix`]'s rows lie in memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arrangement {
+    /// Row after row, each row's blocks in turn: what every kernel against
+    /// f32 activations reads, and the 8-bit kernels other than AVX-512's.
+    Rows,
+    /// Panels of [`PANEL`] rows (the last padded with zero rows), each
+    /// panel's blocks in turn, and within a block the rows side by side: its
+    /// integer parts as vectors of 64 bytes whose 4-byte lane `i` holds row
+    /// `i`'s bytes `4c..4c + 4` (vector `c`), `Int8` ones offset by 128 to
+    /// unsigned; then the sixteen scales, and the sixteen offsets (Nibbles).
+    /// AVX-512's 8-bit kernel sums sixteen rows in the lanes of one register
+    /// against a token's activations broadcast four bytes at a time, so it
+    /// shuffles no weights and sums no register across its lanes.
+    Panels,
+}
+
+/// Rows a panel of [`Arrangement::Panels`] holds: one per 32-bit lane of an
+/// AVX-512 register.
+pub const PANEL: usize = 16;
+
+/// A `rows x cols` weight matrix in a repacked quantized layout.
 #[derive(Debug, Clone)]
 pub struct QuantMatrix {
     layout: QuantLayout,
+    arrangement: Arrangement,
     rows: usize,
     cols: usize,
-    /// One scale per block, `rows * cols / 32` of them.
+    /// One scale per block, `rows * cols / 32` of them (by panel, padded, in
+    /// [`Arrangement::Panels`]).
     scales: Vec<f32>,
-    /// One additive offset per block (Nibbles only, else empty).
+    /// One additive offset per block (Nibbles only, else empty), as `scales`.
     mins: Vec<f32>,
     quants: Vec<u8>,
 }
@@ -210,6 +256,7 @@ impl QuantMatrix {
         }
         Some(Self {
             layout,
+            arrangement: Arrangement::Rows,
             rows,
             cols,
             scales,
@@ -218,8 +265,103 @@ impl QuantMatrix {
         })
     }
 
+    /// The arrangement the fastest 8-bit kernel reads on this CPU:
+    /// [`Arrangement::Panels`] where `kernel` is AVX-512's, else the matrix
+    /// as it is.
+    pub fn for_q8(self, kernel: Kernel) -> Self {
+        match kernel {
+            Kernel::Avx512 => self.into_panels(),
+            _ => self,
+        }
+    }
+
+    /// The matrix in [`Arrangement::Panels`].
+    pub fn into_panels(self) -> Self {
+        if self.arrangement == Arrangement::Panels {
+            return self;
+        }
+        let (nb, bb) = (self.blocks_per_row(), self.layout.block_bytes());
+        let panels = self.rows.div_ceil(PANEL);
+        let mut quants = vec![0u8; panels * nb * PANEL * bb];
+        let mut scales = vec![0f32; panels * nb * PANEL];
+        let mut mins = vec![
+            0f32;
+            if self.mins.is_empty() {
+                0
+            } else {
+                scales.len()
+            }
+        ];
+        let offset = self.layout.panel_offset();
+        for r in 0..self.rows {
+            let row = self.row(r);
+            for b in 0..nb {
+                let (q_at, s_at) = panel_place(r, b, nb, bb);
+                for (j, &q) in row.quants[b * bb..(b + 1) * bb].iter().enumerate() {
+                    quants[q_at + panel_byte(r, j)] = q ^ offset;
+                }
+                scales[s_at] = row.scales[b];
+                if let Some(m) = mins.get_mut(s_at) {
+                    *m = row.mins[b];
+                }
+            }
+        }
+        Self {
+            arrangement: Arrangement::Panels,
+            scales,
+            mins,
+            quants,
+            ..self
+        }
+    }
+
+    /// The matrix in [`Arrangement::Rows`].
+    pub fn to_rows(&self) -> Self {
+        if self.arrangement == Arrangement::Rows {
+            return self.clone();
+        }
+        let (nb, bb) = (self.blocks_per_row(), self.layout.block_bytes());
+        let mut out = Self {
+            arrangement: Arrangement::Rows,
+            scales: Vec::with_capacity(self.rows * nb),
+            mins: Vec::with_capacity(if self.mins.is_empty() {
+                0
+            } else {
+                self.rows * nb
+            }),
+            quants: Vec::with_capacity(self.rows * nb * bb),
+            ..*self
+        };
+        for r in 0..self.rows {
+            self.panel_row_into(r, &mut out.quants, &mut out.scales, &mut out.mins);
+        }
+        out
+    }
+
+    /// Appends row `r` of a [`Arrangement::Panels`] matrix, as
+    /// [`Arrangement::Rows`] holds it, to the three arrays.
+    fn panel_row_into(
+        &self,
+        r: usize,
+        quants: &mut Vec<u8>,
+        scales: &mut Vec<f32>,
+        mins: &mut Vec<f32>,
+    ) {
+        let (nb, bb) = (self.blocks_per_row(), self.layout.block_bytes());
+        let offset = self.layout.panel_offset();
+        for b in 0..nb {
+            let (q_at, s_at) = panel_place(r, b, nb, bb);
+            quants.extend((0..bb).map(|j| self.quants[q_at + panel_byte(r, j)] ^ offset));
+            scales.push(self.scales[s_at]);
+            if !self.mins.is_empty() {
+                mins.push(self.mins[s_at]);
+            }
+        }
+    }
+
     /// Stacks matrices with equal width and layout into one, rows in order, so
-    /// projections that read the same input run as one parallel loop.
+    /// projections that read the same input run as one parallel loop. The
+    /// result is in the first part's arrangement.
     pub fn concat_rows(parts: &[&QuantMatrix]) -> Option<Self> {
         let first = parts.first()?;
         if parts
@@ -228,8 +370,23 @@ impl QuantMatrix {
         {
             return None;
         }
+        // Panels stack as rows do only where no part pads its last one.
+        let stack_panels = parts
+            .iter()
+            .all(|m| m.arrangement == Arrangement::Panels && m.rows.is_multiple_of(PANEL));
+        if first.arrangement == Arrangement::Panels && !stack_panels {
+            let rows: Vec<QuantMatrix> = parts.iter().map(|m| m.to_rows()).collect();
+            let rows: Vec<&QuantMatrix> = rows.iter().collect();
+            return Some(Self::concat_rows(&rows)?.into_panels());
+        }
+        if parts.iter().any(|m| m.arrangement != first.arrangement) {
+            let same: Vec<QuantMatrix> = parts.iter().map(|m| m.to_rows()).collect();
+            let same: Vec<&QuantMatrix> = same.iter().collect();
+            return Self::concat_rows(&same);
+        }
         let mut out = Self {
             layout: first.layout,
+            arrangement: first.arrangement,
             rows: 0,
             cols: first.cols,
             scales: Vec::new(),
@@ -260,6 +417,11 @@ impl QuantMatrix {
         self.layout
     }
 
+    /// How the rows lie in memory.
+    pub fn arrangement(&self) -> Arrangement {
+        self.arrangement
+    }
+
     /// Bytes held, for memory accounting.
     pub fn size_in_bytes(&self) -> usize {
         (self.scales.len() + self.mins.len()) * 4 + self.quants.len()
@@ -278,8 +440,10 @@ impl QuantMatrix {
         self.cols / BLOCK
     }
 
+    /// Row `r` of a matrix in [`Arrangement::Rows`].
     #[inline]
     fn row(&self, r: usize) -> Row<'_> {
+        debug_assert_eq!(self.arrangement, Arrangement::Rows);
         let nb = self.blocks_per_row();
         let bb = self.layout.block_bytes();
         Row {
@@ -294,7 +458,19 @@ impl QuantMatrix {
 
     /// Writes row `r`, dequantized, into `out` (length `cols`). Used for embedding lookups.
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
-        scalar::dequantize_row(self.layout, self.row(r), out);
+        match self.arrangement {
+            Arrangement::Rows => scalar::dequantize_row(self.layout, self.row(r), out),
+            Arrangement::Panels => {
+                let (mut quants, mut scales, mut mins) = (Vec::new(), Vec::new(), Vec::new());
+                self.panel_row_into(r, &mut quants, &mut scales, &mut mins);
+                let row = Row {
+                    scales: &scales,
+                    mins: &mins,
+                    quants: &quants,
+                };
+                scalar::dequantize_row(self.layout, row, out);
+            }
+        }
     }
 
     /// Dequantizes the whole matrix, row-major.
@@ -313,6 +489,11 @@ impl QuantMatrix {
     /// kernel, four for the others.
     pub fn matmul(&self, x: &[f32], tokens: usize, kernel: Kernel) -> Vec<f32> {
         assert_eq!(x.len(), tokens * self.cols, "activation length");
+        if self.arrangement == Arrangement::Panels {
+            // Not a path inference takes: panels are made for 8-bit
+            // activations only (`Linear` at `Precision::Q8`).
+            return self.to_rows().matmul(x, tokens, kernel);
+        }
         if kernel == Kernel::Avx512 && self.uses_nibble_table() {
             // The table kernel meets each block's activations in the 8-bit
             // kernels' order; its table holds the offsets, so no block sums.
@@ -356,10 +537,19 @@ impl QuantMatrix {
     pub fn matmul_q8(&self, x: &[f32], tokens: usize, kernel: Kernel) -> Vec<f32> {
         assert_eq!(x.len(), tokens * self.cols, "activation length");
         let acts = Q8Activations::quantize(x, self.cols, self.layout, kernel);
-        // AVX-512's 32 registers hold two accumulators for each of eight
-        // tokens; AVX2's 16 only for four.
-        let widest = if kernel == Kernel::Avx512 { 8 } else { 4 };
-        self.by_rows(tokens, widest, &Q8Tiles(self.layout, kernel, acts))
+        match (self.arrangement, kernel) {
+            // Eight tokens' accumulators, a register each, beside a block's
+            // eight vectors of weights.
+            #[cfg(target_arch = "x86_64")]
+            (Arrangement::Panels, Kernel::Avx512) => self.by_rows(tokens, 8, &PanelTiles(acts)),
+            // Other kernels read rows; tests compare them on both.
+            (Arrangement::Panels, _) => self.to_rows().matmul_q8(x, tokens, kernel),
+            // AVX-512's kernel reads panels; on rows AVX2's runs.
+            (Arrangement::Rows, Kernel::Avx512) => {
+                self.by_rows(tokens, 4, &Q8Tiles(self.layout, Kernel::Avx2, acts))
+            }
+            (Arrangement::Rows, _) => self.by_rows(tokens, 4, &Q8Tiles(self.layout, kernel, acts)),
+        }
     }
 
     /// Every row's dot products with every token, rows split across rayon's
@@ -375,11 +565,14 @@ impl QuantMatrix {
     /// depend on the batch it ran in.
     fn by_rows(&self, tokens: usize, widest: usize, tiles: &impl Tiles) -> Vec<f32> {
         // Enough weights per task that rayon's overhead stays small next to
-        // the work, and few enough that they stay in L1; whole eights of
-        // rows, which AVX-512 sums row tails across.
+        // the work, and few enough that they stay in L1; whole panels.
+        let unit = match self.arrangement {
+            Arrangement::Rows => 1,
+            Arrangement::Panels => PANEL,
+        };
         let rows_per_task = (16_384 / self.cols)
-            .next_multiple_of(avx512_rows())
-            .clamp(1, self.rows);
+            .next_multiple_of(unit)
+            .clamp(1, self.rows.next_multiple_of(unit));
         let total = self.rows * tokens;
         let mut out: Vec<f32> = Vec::with_capacity(total);
         // Each tile's results go from a small buffer straight into place, a
@@ -511,27 +704,29 @@ impl Tiles for Q8Tiles {
         tile: &mut [f32],
     ) {
         let xs = self.2.tile::<N>(t);
-        match self.1 {
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: `Kernel::Avx512` is only ever produced by
-            // `Kernel::supported` after checking for its features; lengths
-            // are checked inside.
-            Kernel::Avx512 => unsafe { avx512::q8_rows(m, rows, &xs, tile) },
-            kernel => m.each_row(rows, tile, |row| dot_tile_q8(self.0, kernel, row, &xs)),
-        }
+        m.each_row(rows, tile, |row| dot_tile_q8(self.0, self.1, row, &xs));
     }
 }
 
-/// Rows a task's count is a multiple of: AVX-512 sums the blocks rows leave
-/// after whole groups across this many rows at once.
-fn avx512_rows() -> usize {
-    #[cfg(target_arch = "x86_64")]
-    {
-        avx512::TAIL_ROWS
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        1
+/// Activations rounded to 8 bits against [`Arrangement::Panels`], for
+/// AVX-512's kernel.
+#[cfg(target_arch = "x86_64")]
+struct PanelTiles(Q8Activations);
+
+#[cfg(target_arch = "x86_64")]
+impl Tiles for PanelTiles {
+    fn fill<const N: usize>(
+        &self,
+        m: &QuantMatrix,
+        rows: Range<usize>,
+        t: usize,
+        tile: &mut [f32],
+    ) {
+        let xs = self.0.tile::<N>(t);
+        // SAFETY: `matmul_q8` makes these tiles only for `Kernel::Avx512`,
+        // which `Kernel::supported` produces only after checking for its
+        // features; lengths are checked inside.
+        unsafe { avx512::panels_q8(m, rows, &xs, tile) };
     }
 }
 
@@ -685,84 +880,10 @@ struct Q8Block<'a> {
     sums: &'a [f32],
 }
 
-/// Blocks of 8-bit activations that AVX-512's kernels sum side by side, one
-/// to each 32-bit lane of a register.
-const GROUP: usize = 16;
-
-/// How a token's rounded blocks lie in memory.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Q8Order {
-    /// Block after block, each in the order its weights' layout meets them
-    /// ([`q8_element`]); a scale and a sum per block.
-    Blocks,
-    /// AVX-512's: whole groups of [`GROUP`] blocks, four bytes of each block
-    /// in turn (vector `c` of a group's eight 64-byte vectors holds
-    /// positions `4c..4c + 4` of every block, block `i` in lane `i`), with a
-    /// scale and a sum per block; then the blocks left over, block after
-    /// block, two to a vector, each with its scale eight times and its sum
-    /// spread over eight lanes (an eighth in each).
-    Grouped,
-}
-
-impl Q8Order {
-    /// The order `kernel` reads.
-    fn of(kernel: Kernel) -> Self {
-        match kernel {
-            Kernel::Avx512 => Self::Grouped,
-            _ => Self::Blocks,
-        }
-    }
-
-    /// Blocks of a row of `blocks` that go in whole groups.
-    fn grouped(self, blocks: usize) -> usize {
-        match self {
-            Self::Blocks => 0,
-            Self::Grouped => blocks / GROUP * GROUP,
-        }
-    }
-
-    /// Lanes that hold the scale (and a share of the sum) of each block
-    /// outside whole groups.
-    fn spread(self) -> usize {
-        match self {
-            Self::Blocks => 1,
-            Self::Grouped => 8,
-        }
-    }
-
-    /// Scales (and sums) a token of `blocks` blocks takes.
-    fn slots(self, blocks: usize) -> usize {
-        let grouped = self.grouped(blocks);
-        grouped + (blocks - grouped) * self.spread()
-    }
-
-    /// How many lanes hold block `b`'s scale.
-    fn copies(self, blocks: usize, b: usize) -> usize {
-        if b < self.grouped(blocks) {
-            1
-        } else {
-            self.spread()
-        }
-    }
-
-    /// Where block `b` of `blocks` lies in a token: its first byte, the step
-    /// between its four-byte pieces, and its first scale slot.
-    fn place(self, blocks: usize, b: usize) -> (usize, usize, usize) {
-        let grouped = self.grouped(blocks);
-        if b < grouped {
-            let start = (b / GROUP) * GROUP * BLOCK + (b % GROUP) * 4;
-            (start, GROUP * 4, b)
-        } else {
-            (b * BLOCK, 4, grouped + (b - grouped) * self.spread())
-        }
-    }
-}
-
-/// Activations of one matmul rounded to 8 bits, all tokens, each block's
-/// integers in the order the weights' layout meets them, the blocks in the
-/// order the kernel reads them.
+/// Activations of one matmul rounded to 8 bits, all tokens, block after
+/// block, each block's integers in the order the weights' layout meets them
+/// ([`q8_element`]), with a scale and a sum per block.
 struct Q8Activations {
-    order: Q8Order,
     quants: Vec<i8>,
     scales: Vec<f32>,
     sums: Vec<f32>,
@@ -772,98 +893,74 @@ struct Q8Activations {
 impl Q8Activations {
     /// Rounds each 32-block of `x` to `d * q`, `d = max|x| / 127`, `q` in
     /// -127..=127 (llama.cpp's Q8_1, with its scales kept in f32), for
-    /// weights in `layout` and the order `kernel` reads. The x86 kernels
-    /// round with [`avx2::round_block`], the others with [`round_block`]; the
-    /// results are the same.
+    /// weights in `layout`. The x86 kernels round with
+    /// [`avx2::round_block`], the others with [`round_block`]; the results
+    /// are the same.
     fn quantize(x: &[f32], cols: usize, layout: QuantLayout, kernel: Kernel) -> Self {
-        let order = Q8Order::of(kernel);
         #[cfg(target_arch = "x86_64")]
         if kernel.has_avx2() {
             // SAFETY: `has_avx2`.
-            return unsafe { Self::quantize_avx2(x, cols, layout, order) };
+            return unsafe { Self::quantize_avx2(x, cols, layout) };
         }
-        Self::quantize_blocks(x, cols, order, |block| round_block(block, layout))
+        Self::quantize_blocks(x, cols, |block| round_block(block, layout))
     }
 
     /// # Safety
     /// The CPU must support AVX2 and FMA.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn quantize_avx2(x: &[f32], cols: usize, layout: QuantLayout, order: Q8Order) -> Self {
+    unsafe fn quantize_avx2(x: &[f32], cols: usize, layout: QuantLayout) -> Self {
         // SAFETY: the caller guarantees AVX2 and FMA.
-        Self::quantize_blocks(x, cols, order, |block| unsafe {
-            avx2::round_block(block, layout)
-        })
+        Self::quantize_blocks(x, cols, |block| unsafe { avx2::round_block(block, layout) })
     }
 
     /// Rounds every block of `x` with `round` (which returns the block's
     /// integers in the kernel's order within the block, its scale and the
-    /// sum of its integers) and lays them out in `order`.
+    /// sum of its integers).
     #[inline(always)]
     fn quantize_blocks(
         x: &[f32],
         cols: usize,
-        order: Q8Order,
         round: impl Fn(&[f32; BLOCK]) -> RoundedBlock,
     ) -> Self {
-        let blocks = cols / BLOCK;
-        let slots = order.slots(blocks);
-        let tokens = x.len() / cols;
+        let blocks = x.len() / BLOCK;
         let mut out = Self {
-            order,
             quants: vec![0; x.len()],
-            scales: vec![0.0; tokens * slots],
-            sums: vec![0.0; tokens * slots],
+            scales: Vec::with_capacity(blocks),
+            sums: Vec::with_capacity(blocks),
             cols,
         };
         let (whole, _) = x.as_chunks::<BLOCK>();
-        for (i, block) in whole.iter().enumerate() {
-            let (t, b) = (i / blocks, i % blocks);
+        let (to, _) = out.quants.as_chunks_mut::<BLOCK>();
+        for (block, to) in whole.iter().zip(to) {
             let RoundedBlock { quants, d, sum } = round(block);
-            let (start, step, slot) = order.place(blocks, b);
-            let token = &mut out.quants[t * cols..(t + 1) * cols];
-            if step == 4 {
-                token[start..start + BLOCK].copy_from_slice(&quants);
-            } else {
-                for (c, piece) in quants.chunks_exact(4).enumerate() {
-                    token[start + c * step..][..4].copy_from_slice(piece);
-                }
-            }
-            // An eighth is exact, so eight lanes sum back to the block's sum.
-            let copies = order.copies(blocks, b);
-            let at = t * slots + slot;
-            out.scales[at..at + copies].fill(d);
-            out.sums[at..at + copies].fill(d * sum as f32 / copies as f32);
+            *to = quants;
+            out.scales.push(d);
+            out.sums.push(d * sum as f32);
         }
         out
     }
 
     /// Each block's rounded activations as f32, in element order, with its
-    /// scale and sum, from any order.
+    /// scale and sum.
     #[cfg(test)]
     fn dequantize(&self, layout: QuantLayout) -> Vec<(Vec<f32>, f32, f32)> {
-        let blocks = self.cols / BLOCK;
-        let tokens = self.quants.len() / self.cols;
-        let mut out = Vec::new();
-        for t in 0..tokens {
-            let token = self.token(t);
-            for b in 0..blocks {
-                let (start, step, slot) = self.order.place(blocks, b);
-                let copies = self.order.copies(blocks, b) as f32;
-                let (d, sum) = (token.scales[slot], token.sums[slot] * copies);
+        let (blocks, _) = self.quants.as_chunks::<BLOCK>();
+        blocks
+            .iter()
+            .zip(self.scales.iter().zip(&self.sums))
+            .map(|(q, (&d, &sum))| {
                 let mut values = vec![0f32; BLOCK];
-                for p in 0..BLOCK {
-                    let q = token.quants[start + (p / 4) * step + p % 4];
+                for (p, &q) in q.iter().enumerate() {
                     values[q8_element(layout, p)] = d * f32::from(q);
                 }
-                out.push((values, d, sum));
-            }
-        }
-        out
+                (values, d, sum)
+            })
+            .collect()
     }
 
     fn token(&self, t: usize) -> Q8Block<'_> {
-        let n = self.order.slots(self.cols / BLOCK);
+        let n = self.cols / BLOCK;
         Q8Block {
             quants: &self.quants[t * self.cols..(t + 1) * self.cols],
             scales: &self.scales[t * n..(t + 1) * n],
@@ -969,6 +1066,12 @@ mod tests {
         (m, exact)
     }
 
+    /// `m` in each arrangement (every kernel runs on both: the ones that
+    /// read the other arrangement convert it first).
+    fn arrangements(m: &QuantMatrix) -> [QuantMatrix; 2] {
+        [m.clone(), m.clone().into_panels()]
+    }
+
     fn reference(w: &[f32], x: &[f32], rows: usize, cols: usize, tokens: usize) -> Vec<f32> {
         let mut out = vec![0f32; rows * tokens];
         for t in 0..tokens {
@@ -1008,6 +1111,43 @@ mod tests {
     }
 
     #[test]
+    fn panels_hold_the_same_matrix() {
+        // 37 rows pad their last panel; 48 fill three.
+        for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
+            for rows in [37, 48] {
+                let (m, exact) = quantized(dtype, rows, 96);
+                let panels = m.clone().into_panels();
+                assert_eq!(panels.arrangement(), Arrangement::Panels);
+                assert_eq!(panels.dequantize(), exact, "{dtype:?} {rows}");
+                let back = panels.to_rows();
+                assert_eq!(
+                    (back.quants, back.scales, back.mins),
+                    (m.quants.clone(), m.scales.clone(), m.mins.clone()),
+                    "{dtype:?} {rows}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn panels_stack_like_rows() {
+        // Whole panels stack as they are; a padded one goes through rows.
+        for sizes in [[16, 32], [37, 5]] {
+            let parts: Vec<QuantMatrix> = sizes
+                .iter()
+                .map(|&rows| quantized(GgmlDType::Q4_1, rows, 64).0)
+                .collect();
+            let rows: Vec<&QuantMatrix> = parts.iter().collect();
+            let want = QuantMatrix::concat_rows(&rows).unwrap();
+            let panels: Vec<QuantMatrix> = parts.iter().map(|m| m.clone().into_panels()).collect();
+            let panels: Vec<&QuantMatrix> = panels.iter().collect();
+            let got = QuantMatrix::concat_rows(&panels).unwrap();
+            assert_eq!(got.arrangement(), Arrangement::Panels, "{sizes:?}");
+            assert_eq!(got.dequantize(), want.dequantize(), "{sizes:?}");
+        }
+    }
+
+    #[test]
     fn every_kernel_matches_the_exact_product() {
         // Short rows take AVX-512's table kernel; long ones (an odd number of
         // blocks, too) AVX2's.
@@ -1038,13 +1178,14 @@ mod tests {
     /// for bit, so concurrency never changes an answer.
     #[test]
     fn a_tokens_result_does_not_depend_on_its_batch() {
-        // 5 blocks a row; and 18, whose last two AVX-512 sums across eight
-        // rows (37 rows: tasks of 32 and 5).
+        // 5 blocks a row, and 18; 37 rows: tasks of 32 and 5 (in panels,
+        // the second padded).
         for (dtype, (rows, cols)) in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0]
             .into_iter()
             .flat_map(|d| [(d, (37, 160)), (d, (37, 576))])
         {
             let (m, _) = quantized(dtype, rows, cols);
+            let panels = m.clone().into_panels();
             // Every tile width: 15 runs as 8 and 7 where tiles reach 8 (as 4,
             // 4, 4 and 3 elsewhere), 14 as 8 and 6 (4, 4, 4, 2), 13 as 8 and
             // 5 (4, 4, 4, 1).
@@ -1053,11 +1194,21 @@ mod tests {
                 for kernel in Kernel::supported() {
                     let batch = m.matmul(&x, tokens, kernel);
                     let batch_q8 = m.matmul_q8(&x, tokens, kernel);
+                    let panels_q8 = panels.matmul_q8(&x, tokens, kernel);
                     for t in 0..tokens {
                         let one = &x[t * cols..(t + 1) * cols];
                         let mine = t * rows..(t + 1) * rows;
                         assert_eq!(m.matmul(one, 1, kernel), batch[mine.clone()], "{dtype:?}");
-                        assert_eq!(m.matmul_q8(one, 1, kernel), batch_q8[mine], "{dtype:?}");
+                        assert_eq!(
+                            m.matmul_q8(one, 1, kernel),
+                            batch_q8[mine.clone()],
+                            "{dtype:?}"
+                        );
+                        assert_eq!(
+                            panels.matmul_q8(one, 1, kernel),
+                            panels_q8[mine],
+                            "{dtype:?}"
+                        );
                     }
                 }
             }
@@ -1098,9 +1249,7 @@ mod tests {
 
     #[test]
     fn q8_kernels_are_exact_on_integer_data() {
-        // 18 blocks: one whole group of AVX-512's and two left over, which
-        // it sums eight rows at a time (7 rows: one partial eight; 43: tasks
-        // of 32 and 11).
+        // 7 rows: one padded panel; 43: tasks of 32 and 11.
         for (dtype, (rows, cols)) in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0]
             .into_iter()
             .flat_map(|d| [(d, (19, 256)), (d, (7, 576)), (d, (43, 576))])
@@ -1118,11 +1267,15 @@ mod tests {
                     })
                 })
                 .collect();
-            for kernel in Kernel::supported() {
+            for (kernel, m) in Kernel::supported()
+                .into_iter()
+                .flat_map(|k| arrangements(&m).map(|m| (k, m)))
+            {
                 assert_eq!(
                     m.matmul_q8(&xs, tokens, kernel),
                     exact,
-                    "{dtype:?} {kernel:?}"
+                    "{dtype:?} {kernel:?} {:?}",
+                    m.arrangement()
                 );
             }
         }
@@ -1130,8 +1283,7 @@ mod tests {
 
     #[test]
     fn q8_matmul_is_the_product_with_rounded_activations() {
-        // 5 blocks (less than a group of AVX-512's), 33 (two and one) and
-        // 18 (one and two, summed across rows). `drift` bounds how far
+        // 5, 33 and 18 blocks. `drift` bounds how far
         // rounding moves a result off the f32 product, relative to 1 + |it|:
         // the rounded reference itself reaches 0.086 on the 576-column
         // matrices' 13 tokens, where a result near zero meets the error.
@@ -1155,7 +1307,10 @@ mod tests {
                     .collect();
                 let want = reference(&w, &rounded, rows, cols, tokens);
                 let exact = reference(&w, &x, rows, cols, tokens);
-                for kernel in Kernel::supported() {
+                for (kernel, m) in Kernel::supported()
+                    .into_iter()
+                    .flat_map(|k| arrangements(&m).map(|m| (k, m)))
+                {
                     let got = m.matmul_q8(&x, tokens, kernel);
                     for ((g, w), e) in got.iter().zip(&want).zip(&exact) {
                         assert!(
@@ -1186,8 +1341,7 @@ mod tests {
         x.extend(random(3, BLOCK, 17));
         x.extend([f32::NAN; BLOCK]);
         x.extend(random(13, BLOCK, 19));
-        // 18 blocks as 18 tokens, and as one token (a whole group of
-        // AVX-512's and two blocks left over).
+        // 18 blocks as 18 tokens, and as one token.
         for (layout, cols) in [QuantLayout::Nibbles, QuantLayout::Int8]
             .into_iter()
             .flat_map(|l| [(l, BLOCK), (l, x.len())])
