@@ -337,6 +337,9 @@ pub(crate) fn silu_times(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 
 struct SiluTimes;
 
+/// Elements of `silu(gate) * up` one thread computes before others help.
+const PARALLEL_ELEMENTS: usize = 3072;
+
 impl CustomOp2 for SiluTimes {
     fn name(&self) -> &'static str {
         "silu-times"
@@ -362,20 +365,22 @@ impl CustomOp2 for SiluTimes {
         let width = lg.dims().last().copied().unwrap_or(1);
         let (gate_rows, up_rows) = (row_starts(lg)?, row_starts(lu)?);
         let mut out = vec![0f32; lg.shape().elem_count()];
-        for ((g, u), out) in gate_rows
-            .into_iter()
-            .zip(up_rows)
-            .zip(out.chunks_exact_mut(width))
-        {
-            let (g, u) = (&gate[g..g + width], &up[u..u + width]);
-            #[cfg(target_arch = "x86_64")]
-            if Kernel::detect().has_avx2() {
-                // SAFETY: `has_avx2`.
-                unsafe { silu_times_avx2(g, u, out) };
-                continue;
-            }
-            silu_times_row(g, u, out);
-        }
+        // Rows run on every core once there are a few thousand elements to
+        // a thread: a batch's rows ran on one while the others waited for
+        // the matmul they feed.
+        out.par_chunks_exact_mut(width.max(1))
+            .zip(gate_rows.par_iter().zip(&up_rows))
+            .with_min_len(PARALLEL_ELEMENTS.div_ceil(width.max(1)))
+            .for_each(|(out, (&g, &u))| {
+                let (g, u) = (&gate[g..g + width], &up[u..u + width]);
+                #[cfg(target_arch = "x86_64")]
+                if Kernel::detect().has_avx2() {
+                    // SAFETY: `has_avx2`.
+                    unsafe { silu_times_avx2(g, u, out) };
+                    return;
+                }
+                silu_times_row(g, u, out);
+            });
         Ok((CpuStorage::F32(out), lg.shape().clone()))
     }
 }
