@@ -536,20 +536,18 @@ impl QuantMatrix {
     /// take up to eight tokens on AVX-512, four elsewhere.
     pub fn matmul_q8(&self, x: &[f32], tokens: usize, kernel: Kernel) -> Vec<f32> {
         assert_eq!(x.len(), tokens * self.cols, "activation length");
-        let acts = Q8Activations::quantize(x, self.cols, self.layout, kernel);
-        match (self.arrangement, kernel) {
+        let (kernel, widest) = match (self.arrangement, kernel) {
             // Eight tokens' accumulators, a register each, beside a block's
             // eight vectors of weights.
-            #[cfg(target_arch = "x86_64")]
-            (Arrangement::Panels, Kernel::Avx512) => self.by_rows(tokens, 8, &PanelTiles(acts)),
+            (Arrangement::Panels, Kernel::Avx512) => (kernel, 8),
             // Other kernels read rows; tests compare them on both.
-            (Arrangement::Panels, _) => self.to_rows().matmul_q8(x, tokens, kernel),
+            (Arrangement::Panels, _) => return self.to_rows().matmul_q8(x, tokens, kernel),
             // AVX-512's kernel reads panels; on rows AVX2's runs.
-            (Arrangement::Rows, Kernel::Avx512) => {
-                self.by_rows(tokens, 4, &Q8Tiles(self.layout, Kernel::Avx2, acts))
-            }
-            (Arrangement::Rows, _) => self.by_rows(tokens, 4, &Q8Tiles(self.layout, kernel, acts)),
-        }
+            (Arrangement::Rows, Kernel::Avx512) => (Kernel::Avx2, 4),
+            (Arrangement::Rows, _) => (kernel, 4),
+        };
+        let acts = Q8Activations::quantize(x, self.cols, self.layout, kernel);
+        self.by_rows(tokens, widest, &Q8Tiles(self.layout, kernel, acts))
     }
 
     /// Every row's dot products with every token, rows split across rayon's
@@ -704,29 +702,17 @@ impl Tiles for Q8Tiles {
         tile: &mut [f32],
     ) {
         let xs = self.2.tile::<N>(t);
-        m.each_row(rows, tile, |row| dot_tile_q8(self.0, self.1, row, &xs));
-    }
-}
-
-/// Activations rounded to 8 bits against [`Arrangement::Panels`], for
-/// AVX-512's kernel.
-#[cfg(target_arch = "x86_64")]
-struct PanelTiles(Q8Activations);
-
-#[cfg(target_arch = "x86_64")]
-impl Tiles for PanelTiles {
-    fn fill<const N: usize>(
-        &self,
-        m: &QuantMatrix,
-        rows: Range<usize>,
-        t: usize,
-        tile: &mut [f32],
-    ) {
-        let xs = self.0.tile::<N>(t);
-        // SAFETY: `matmul_q8` makes these tiles only for `Kernel::Avx512`,
-        // which `Kernel::supported` produces only after checking for its
-        // features; lengths are checked inside.
-        unsafe { avx512::panels_q8(m, rows, &xs, tile) };
+        match (m.arrangement, self.1) {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `Kernel::Avx512` is only ever produced by
+            // `Kernel::supported` after checking for its features; lengths
+            // are checked inside.
+            (Arrangement::Panels, Kernel::Avx512) => unsafe {
+                avx512::panels_q8(m, rows, &xs, tile)
+            },
+            // `matmul_q8` gives other kernels only rows.
+            _ => m.each_row(rows, tile, |row| dot_tile_q8(self.0, self.1, row, &xs)),
+        }
     }
 }
 
