@@ -284,14 +284,11 @@ impl QuantMatrix {
         let panels = self.rows.div_ceil(PANEL);
         let mut quants = vec![0u8; panels * nb * PANEL * bb];
         let mut scales = vec![0f32; panels * nb * PANEL];
-        let mut mins = vec![
-            0f32;
-            if self.mins.is_empty() {
-                0
-            } else {
-                scales.len()
-            }
-        ];
+        let mut mins = if self.mins.is_empty() {
+            Vec::new()
+        } else {
+            vec![0f32; scales.len()]
+        };
         let offset = self.layout.panel_offset();
         for r in 0..self.rows {
             let row = self.row(r);
@@ -370,19 +367,21 @@ impl QuantMatrix {
         {
             return None;
         }
-        // Panels stack as rows do only where no part pads its last one.
-        let stack_panels = parts
-            .iter()
-            .all(|m| m.arrangement == Arrangement::Panels && m.rows.is_multiple_of(PANEL));
-        if first.arrangement == Arrangement::Panels && !stack_panels {
+        // Rows always stack; panels only where no part pads its last one.
+        // Anything else stacks as rows, then takes the first part's arrangement.
+        let stacks = parts.iter().all(|m| match m.arrangement {
+            Arrangement::Rows => first.arrangement == Arrangement::Rows,
+            Arrangement::Panels => {
+                first.arrangement == Arrangement::Panels && m.rows.is_multiple_of(PANEL)
+            }
+        });
+        if !stacks {
             let rows: Vec<QuantMatrix> = parts.iter().map(|m| m.to_rows()).collect();
-            let rows: Vec<&QuantMatrix> = rows.iter().collect();
-            return Some(Self::concat_rows(&rows)?.into_panels());
-        }
-        if parts.iter().any(|m| m.arrangement != first.arrangement) {
-            let same: Vec<QuantMatrix> = parts.iter().map(|m| m.to_rows()).collect();
-            let same: Vec<&QuantMatrix> = same.iter().collect();
-            return Self::concat_rows(&same);
+            let rows = Self::concat_rows(&rows.iter().collect::<Vec<_>>())?;
+            return Some(match first.arrangement {
+                Arrangement::Rows => rows,
+                Arrangement::Panels => rows.into_panels(),
+            });
         }
         let mut out = Self {
             layout: first.layout,
