@@ -203,6 +203,11 @@ impl BlockSpan {
         self.blocks.iter().map(BlockWeights::size_in_bytes).sum()
     }
 
+    /// Where the weights live and the span computes.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
     /// A fresh session cache allowing up to `max_len` positions.
     pub fn new_cache(&self, max_len: usize) -> SpanCache {
         SpanCache::new(self.blocks.len(), max_len)
