@@ -5,11 +5,13 @@
 //! (`maddubs`, then `madd` against ones), and sixteen rows share a register,
 //! a lane each ([`super::Arrangement::Panels`]).
 //!
-//! Against f32 activations only nibble blocks have a kernel here, a table
-//! lookup, and [`super::QuantMatrix`] uses it only on rows of up to 1024
-//! columns. Zen 4 runs a 512-bit FMA on both of its 256-bit FMA pipes, so
-//! merely wider vectors do AVX2's arithmetic in the same time: the
-//! straightforward 512-bit kernels measured 7-13% slower on prompts.
+//! Against f32 activations, nibble blocks go through a table lookup and
+//! 8-bit blocks are widened and scaled once for a tile of eight tokens;
+//! [`super::QuantMatrix`] uses both only on rows of up to 1024 columns.
+//! Zen 4 runs a 512-bit FMA on both of its 256-bit FMA pipes, so merely
+//! wider vectors do AVX2's arithmetic in the same time (the straightforward
+//! 512-bit nibble kernel measured 7-13% slower on prompts there); these
+//! kernels do less work per weight than AVX2's, not just wider.
 
 use std::arch::x86_64::*;
 use std::ops::Range;
@@ -73,6 +75,43 @@ pub(super) unsafe fn nibbles<const N: usize>(row: Row<'_>, xs: &[&[f32]; N]) -> 
             let bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(q as *const __m128i));
             let low = _mm512_permutexvar_ps(bytes, table);
             let high = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), table);
+            for t in 0..N {
+                let x = xs[t].as_ptr().add(b * BLOCK);
+                acc[t][0] = _mm512_fmadd_ps(low, _mm512_loadu_ps(x), acc[t][0]);
+                acc[t][1] = _mm512_fmadd_ps(high, _mm512_loadu_ps(x.add(16)), acc[t][1]);
+            }
+        }
+    }
+    std::array::from_fn(|t| hsum(_mm512_add_ps(acc[t][0], acc[t][1])))
+}
+
+/// `sum_b (d_b q_b) . x_b` per token for 8-bit blocks, in element order.
+///
+/// Each block widens once to two vectors of sixteen weights, scaled as
+/// dequantizing scales them, for every token of the tile; then two FMAs per
+/// block and token. AVX2's kernel widens in four pieces of eight and takes
+/// four FMAs and a scaling FMA per block and token, in tiles of four: the
+/// LM head of the default model (49152 x 576 Q8_0) is a fifth of a decode
+/// step's work.
+///
+/// # Safety
+/// The CPU must support AVX-512 F, BW, VL and VNNI, AVX2 and FMA.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
+pub(super) unsafe fn int8<const N: usize>(row: Row<'_>, xs: &[&[f32]; N]) -> [f32; N] {
+    let (nb, _) = row.checked_blocks::<true>(xs);
+    let zero = _mm512_setzero_ps();
+    let mut acc = [[zero; 2]; N];
+    for b in 0..nb {
+        // SAFETY: b < nb, and `checked_blocks` bounds every pointer below.
+        unsafe {
+            let q = row.quants.as_ptr().add(b * BLOCK);
+            prefetch_ahead(q);
+            let d = _mm512_set1_ps(*row.scales.get_unchecked(b));
+            let widen = |p: *const u8| {
+                let bytes = _mm_loadu_si128(p as *const __m128i);
+                _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes)))
+            };
+            let (low, high) = (widen(q), widen(q.add(16)));
             for t in 0..N {
                 let x = xs[t].as_ptr().add(b * BLOCK);
                 acc[t][0] = _mm512_fmadd_ps(low, _mm512_loadu_ps(x), acc[t][0]);

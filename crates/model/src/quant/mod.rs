@@ -426,15 +426,6 @@ impl QuantMatrix {
         (self.scales.len() + self.mins.len()) * 4 + self.quants.len()
     }
 
-    /// Whether AVX-512 multiplies this matrix by f32 activations through a
-    /// table of each block's sixteen values ([`avx512`]'s `nibbles`), in
-    /// tiles of eight tokens: only for rows short enough that such a tile of
-    /// activations (32 bytes per column) stays in L1. On wider rows the
-    /// table kernel measured slower than AVX2's.
-    fn uses_nibble_table(&self) -> bool {
-        self.layout == QuantLayout::Nibbles && self.cols <= 1024
-    }
-
     fn blocks_per_row(&self) -> usize {
         self.cols / BLOCK
     }
@@ -484,8 +475,8 @@ impl QuantMatrix {
     /// `y = x W^T` for `x` of shape `[tokens, cols]` (row-major), returning `[tokens, rows]`.
     ///
     /// Rows are split across rayon's pool; within a task, tiles of tokens
-    /// share each expanded weight block: up to eight for AVX-512's table
-    /// kernel, four for the others.
+    /// share each expanded weight block: up to eight for AVX-512's kernels,
+    /// four for the others.
     pub fn matmul(&self, x: &[f32], tokens: usize, kernel: Kernel) -> Vec<f32> {
         assert_eq!(x.len(), tokens * self.cols, "activation length");
         if self.arrangement == Arrangement::Panels {
@@ -493,7 +484,15 @@ impl QuantMatrix {
             // activations only (`Linear` at `Precision::Q8`).
             return self.to_rows().matmul(x, tokens, kernel);
         }
-        if kernel == Kernel::Avx512 && self.uses_nibble_table() {
+        if kernel == Kernel::Avx512 && self.cols <= AVX512_F32_COLS {
+            let acts = |x| Activations {
+                x,
+                xsums: &[],
+                cols: self.cols,
+            };
+            if self.layout == QuantLayout::Int8 {
+                return self.by_rows(tokens, 8, &F32Tiles(self.layout, kernel, acts(x)));
+            }
             // The table kernel meets each block's activations in the 8-bit
             // kernels' order; its table holds the offsets, so no block sums.
             let mut permuted = vec![0f32; x.len()];
@@ -502,13 +501,7 @@ impl QuantMatrix {
                     *to = from[i];
                 }
             }
-            let x = permuted;
-            let acts = Activations {
-                x: &x,
-                xsums: &[],
-                cols: self.cols,
-            };
-            return self.by_rows(tokens, 8, &F32Tiles(self.layout, kernel, acts));
+            return self.by_rows(tokens, 8, &F32Tiles(self.layout, kernel, acts(&permuted)));
         }
         // Elsewhere AVX2's kernels are the faster ones for f32 activations.
         let kernel = match kernel {
@@ -869,6 +862,11 @@ struct Q8Block<'a> {
 /// a 576-wide token's 18 cost less than handing them out.
 const PARALLEL_BLOCKS: usize = 32;
 
+/// The widest rows AVX-512's kernels multiply by f32 activations, in tiles
+/// of eight tokens: a tile's activations (32 bytes per column) must stay in
+/// L1. On wider rows the table kernel measured slower than AVX2's.
+const AVX512_F32_COLS: usize = 1024;
+
 /// Activations of one matmul rounded to 8 bits, all tokens, block after
 /// block, each block's integers in the order the weights' layout meets them
 /// ([`q8_element`]), with a scale and a sum per block.
@@ -1024,8 +1022,11 @@ fn dot_tile<const N: usize>(
         // suits, with their activations permuted.
         (Kernel::Avx512, QuantLayout::Nibbles) => unsafe { avx512::nibbles(row, xs) },
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: as above (AVX-512 here implies AVX2 and FMA).
-        (Kernel::Avx2 | Kernel::Avx512, QuantLayout::Int8) => unsafe { avx2::int8(row, xs) },
+        // SAFETY: as above.
+        (Kernel::Avx2, QuantLayout::Int8) => unsafe { avx2::int8(row, xs) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        (Kernel::Avx512, QuantLayout::Int8) => unsafe { avx512::int8(row, xs) },
         #[cfg(target_arch = "aarch64")]
         // SAFETY: as in `dot_tile_q8` (either NEON kernel implies NEON).
         (Kernel::Neon | Kernel::NeonDot, QuantLayout::Nibbles) => unsafe {
@@ -1150,7 +1151,7 @@ mod tests {
 
     #[test]
     fn every_kernel_matches_the_exact_product() {
-        // Short rows take AVX-512's table kernel; long ones (an odd number of
+        // Short rows take AVX-512's kernels; long ones (an odd number of
         // blocks, too) AVX2's.
         for (rows, cols, dtype) in [
             (37, 160, GgmlDType::Q4_0),
