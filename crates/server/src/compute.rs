@@ -380,9 +380,23 @@ mod tests {
         Compute::without_worker(histogram(), histogram())
     }
 
-    /// The next step the worker would get.
-    async fn queued(rx: mpsc::Receiver<Message>) -> (Job, mpsc::Receiver<Message>) {
-        tokio::task::spawn_blocking(move || {
+    /// `session`'s step of `x` from a fresh cache.
+    fn step<'a>(
+        session: &'a SessionCompute,
+        span: &Arc<BlockSpan>,
+        x: &Tensor,
+    ) -> impl Future<Output = Option<StepResult>> + 'a {
+        session.step(span.clone(), 0..2, x.clone(), span.new_cache(8))
+    }
+
+    /// Runs the next step the worker gets, after checking it is `session`'s
+    /// and dropping `held`.
+    async fn serve_next<T>(
+        rx: mpsc::Receiver<Message>,
+        session: SessionId,
+        held: T,
+    ) -> mpsc::Receiver<Message> {
+        let (job, rx) = tokio::task::spawn_blocking(move || {
             loop {
                 match rx.recv().expect("the handles are alive") {
                     Message::Step(job) => break (job, rx),
@@ -391,7 +405,11 @@ mod tests {
             }
         })
         .await
-        .expect("the receiving thread")
+        .expect("the receiving thread");
+        assert_eq!(job.session, session);
+        drop(held);
+        run_one(job);
+        rx
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -400,10 +418,7 @@ mod tests {
         let (compute, rx) = unserved();
         let session = compute.session();
         let x = hidden(&span);
-        let result = session
-            .step(span.clone(), 0..2, x.clone(), span.new_cache(8))
-            .await;
-        checked(&span, &x, result);
+        checked(&span, &x, step(&session, &span, &x).await);
         assert!(rx.try_recv().is_err(), "the worker got nothing");
     }
 
@@ -416,36 +431,16 @@ mod tests {
 
         // A pass is running: the step waits for the worker.
         let running = compute.passes.running.lock().expect("the pass lock");
-        let (result, rx) = tokio::join!(
-            first.step(span.clone(), 0..2, x.clone(), span.new_cache(8)),
-            async {
-                let (job, rx) = queued(rx).await;
-                assert_eq!(job.session, first.id);
-                drop(running);
-                run_one(job);
-                rx
-            }
-        );
+        let (result, rx) = tokio::join!(step(&first, &span, &x), serve_next(rx, first.id, running));
         checked(&span, &x, result);
 
         // Another session is open: the step may be batched with its steps.
         let second = compute.session();
-        let (result, _rx) = tokio::join!(
-            second.step(span.clone(), 0..2, x.clone(), span.new_cache(8)),
-            async {
-                let (job, rx) = queued(rx).await;
-                assert_eq!(job.session, second.id);
-                run_one(job);
-                rx
-            }
-        );
+        let (result, _rx) = tokio::join!(step(&second, &span, &x), serve_next(rx, second.id, ()));
         checked(&span, &x, result);
         drop(first);
 
         // Alone again.
-        let result = second
-            .step(span.clone(), 0..2, x.clone(), span.new_cache(8))
-            .await;
-        checked(&span, &x, result);
+        checked(&span, &x, step(&second, &span, &x).await);
     }
 }
