@@ -7,7 +7,8 @@
 //!
 //! Against f32 activations, nibble blocks go through a table lookup and
 //! 8-bit blocks are widened and scaled once for a tile of eight tokens;
-//! [`super::QuantMatrix`] uses both only on rows of up to 1024 columns.
+//! [`super::QuantMatrix`] uses both only on rows of up to
+//! [`super::AVX512_F32_COLS`] columns, their activations line-aligned.
 //! Zen 4 runs a 512-bit FMA on both of its 256-bit FMA pipes, so merely
 //! wider vectors do AVX2's arithmetic in the same time (the straightforward
 //! 512-bit nibble kernel measured 7-13% slower on prompts there); these
