@@ -38,6 +38,37 @@ const NIBBLE_LEVELS: [f32; 16] = {
     levels
 };
 
+/// Adds block `b` of every token in `xs` times the block's weights, its
+/// first sixteen (in the activations' order) `low` and the rest `high`,
+/// into that token's two chains.
+///
+/// # Safety
+/// As the kernels', and every token must hold more than `b` blocks.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
+unsafe fn accumulate<const N: usize>(
+    acc: &mut [[__m512; 2]; N],
+    (low, high): (__m512, __m512),
+    xs: &[&[f32]; N],
+    b: usize,
+) {
+    for t in 0..N {
+        // SAFETY: the caller's promise: block `b` lies within the token.
+        unsafe {
+            let x = xs[t].as_ptr().add(b * BLOCK);
+            acc[t][0] = _mm512_fmadd_ps(low, _mm512_loadu_ps(x), acc[t][0]);
+            acc[t][1] = _mm512_fmadd_ps(high, _mm512_loadu_ps(x.add(16)), acc[t][1]);
+        }
+    }
+}
+
+/// Each token's result from its two chains.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
+fn chain_sums<const N: usize>(acc: [[__m512; 2]; N]) -> [f32; N] {
+    std::array::from_fn(|t| hsum(_mm512_add_ps(acc[t][0], acc[t][1])))
+}
+
 /// `sum_b w_b . x_b` per token for nibble blocks, `x` in
 /// [`super::NIBBLE_Q8_ORDER`] within each block.
 ///
@@ -64,7 +95,7 @@ pub(super) unsafe fn nibbles<const N: usize>(row: Row<'_>, xs: &[&[f32]; N]) -> 
     let zero = _mm512_setzero_ps();
     let mut acc = [[zero; 2]; N];
     for b in 0..nb {
-        // SAFETY: b < nb, and the asserts above bound every pointer below.
+        // SAFETY: b < nb, and the checks above bound every pointer below.
         unsafe {
             let q = row.quants.as_ptr().add(b * BLOCK / 2);
             prefetch_ahead(q);
@@ -76,14 +107,10 @@ pub(super) unsafe fn nibbles<const N: usize>(row: Row<'_>, xs: &[&[f32]; N]) -> 
             let bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(q as *const __m128i));
             let low = _mm512_permutexvar_ps(bytes, table);
             let high = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), table);
-            for t in 0..N {
-                let x = xs[t].as_ptr().add(b * BLOCK);
-                acc[t][0] = _mm512_fmadd_ps(low, _mm512_loadu_ps(x), acc[t][0]);
-                acc[t][1] = _mm512_fmadd_ps(high, _mm512_loadu_ps(x.add(16)), acc[t][1]);
-            }
+            accumulate(&mut acc, (low, high), xs, b);
         }
     }
-    std::array::from_fn(|t| hsum(_mm512_add_ps(acc[t][0], acc[t][1])))
+    chain_sums(acc)
 }
 
 /// `sum_b (d_b q_b) . x_b` per token for 8-bit blocks, in element order.
@@ -113,14 +140,10 @@ pub(super) unsafe fn int8<const N: usize>(row: Row<'_>, xs: &[&[f32]; N]) -> [f3
                 _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes)))
             };
             let (low, high) = (widen(q), widen(q.add(16)));
-            for t in 0..N {
-                let x = xs[t].as_ptr().add(b * BLOCK);
-                acc[t][0] = _mm512_fmadd_ps(low, _mm512_loadu_ps(x), acc[t][0]);
-                acc[t][1] = _mm512_fmadd_ps(high, _mm512_loadu_ps(x.add(16)), acc[t][1]);
-            }
+            accumulate(&mut acc, (low, high), xs, b);
         }
     }
-    std::array::from_fn(|t| hsum(_mm512_add_ps(acc[t][0], acc[t][1])))
+    chain_sums(acc)
 }
 
 /// Every token's `sum_b d_b dx_b (q_b . qx_b) + m_b sx_b` for rows `rows` of
