@@ -672,6 +672,14 @@ impl Tiles for F32Tiles<'_> {
         tile: &mut [f32],
     ) {
         let xs = self.2.tile::<N>(t);
+        #[cfg(target_arch = "x86_64")]
+        if self.1 == Kernel::Avx512 {
+            // SAFETY: `Kernel::Avx512` is only ever produced by
+            // `Kernel::supported` after checking for its features; `matmul`
+            // gives it only the matrices it suits, with their activations
+            // permuted; lengths are checked inside.
+            return unsafe { avx512::rows_f32(m, rows, &xs.0, tile) };
+        }
         m.each_row(rows, tile, |row| {
             dot_tile(self.0, self.1, row, (&xs.0, &xs.1))
         });
@@ -1078,15 +1086,8 @@ fn dot_tile<const N: usize>(
         // SAFETY: as in `dot_tile_q8`.
         (Kernel::Avx2, QuantLayout::Nibbles) => unsafe { avx2::nibbles(row, xs, xsums) },
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: as above; `matmul` gives this kernel only the matrices it
-        // suits, with their activations permuted.
-        (Kernel::Avx512, QuantLayout::Nibbles) => unsafe { avx512::nibbles(row, xs) },
-        #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
         (Kernel::Avx2, QuantLayout::Int8) => unsafe { avx2::int8(row, xs) },
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: as above.
-        (Kernel::Avx512, QuantLayout::Int8) => unsafe { avx512::int8(row, xs) },
         #[cfg(target_arch = "aarch64")]
         // SAFETY: as in `dot_tile_q8` (either NEON kernel implies NEON).
         (Kernel::Neon | Kernel::NeonDot, QuantLayout::Nibbles) => unsafe {
@@ -1292,6 +1293,38 @@ mod tests {
                             panels_q8[mine],
                             "{dtype:?}"
                         );
+                    }
+                }
+            }
+        }
+    }
+
+    /// A row's results are the same whichever rows share its task and its
+    /// kernel call (AVX-512 runs rows in pairs, and a task's odd row alone).
+    #[test]
+    fn a_rows_result_does_not_depend_on_its_neighbours() {
+        for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
+            // 15 rows a task at 1056 columns: pairs, then a row alone.
+            for (rows, cols) in [(37, 576), (37, 1056)] {
+                let (m, _) = quantized(dtype, rows, cols);
+                let nb = cols / BLOCK;
+                let bb = m.layout.block_bytes();
+                let tokens = 3;
+                let x = random(tokens, cols, 17);
+                for kernel in Kernel::supported() {
+                    let all = m.matmul(&x, tokens, kernel);
+                    for r in 0..rows {
+                        let alone = QuantMatrix {
+                            rows: 1,
+                            scales: m.scales[r * nb..(r + 1) * nb].to_vec(),
+                            mins: m.mins.get(r * nb..(r + 1) * nb).unwrap_or(&[]).to_vec(),
+                            quants: m.quants[r * nb * bb..(r + 1) * nb * bb].to_vec(),
+                            ..m.clone()
+                        };
+                        let one = alone.matmul(&x, tokens, kernel);
+                        for t in 0..tokens {
+                            assert_eq!(one[t], all[t * rows + r], "{dtype:?} {kernel:?} row {r}");
+                        }
                     }
                 }
             }
