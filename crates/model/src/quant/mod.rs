@@ -1083,7 +1083,8 @@ fn dot_tile<const N: usize>(
 ) -> [f32; N] {
     match (kernel, layout) {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: as in `dot_tile_q8`.
+        // SAFETY: as in `dot_tile_q8`. (AVX-512 takes rows in pairs, in
+        // `F32Tiles`.)
         (Kernel::Avx2, QuantLayout::Nibbles) => unsafe { avx2::nibbles(row, xs, xsums) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
