@@ -8,10 +8,10 @@
 //! `llama.rs` uses these on the CPU when no gradient is needed; the training
 //! path keeps candle's ops, which have a backward, and GPUs keep theirs.
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
-use crate::error::Result;
+use crate::error::{ModelError, Result};
 #[cfg(target_arch = "x86_64")]
 use crate::quant::Kernel;
 
@@ -136,6 +136,138 @@ impl CustomOp3 for CachedAttention {
         }
         Ok((CpuStorage::F32(out), Shape::from((b, t, heads * d))))
     }
+}
+
+/// A decode step's attention for one session of a batch, without candle's
+/// ops: `q` (its heads' rows of `d`, rotated) at the newest of the `s`
+/// positions in `keys` and `values` (`[1, kv_heads, s, d]`, the session's
+/// cache), into `out` (`heads * d`). The arithmetic is
+/// [`cached_attention`]'s for one query, so a session's result is the same
+/// batched or alone; what it saves is the op's tensors, one set a session
+/// and block.
+pub(crate) fn attend_position(
+    q: &[f32],
+    keys: &Tensor,
+    values: &Tensor,
+    out: &mut [f32],
+) -> Result<()> {
+    let (ks, kl) = keys.storage_and_layout();
+    let (vs, vl) = values.storage_and_layout();
+    let (k, v) = (
+        View::new(cpu(&ks)?, kl, "keys")?,
+        View::new(cpu(&vs)?, vl, "values")?,
+    );
+    let [b, kv_heads, s, d] = k.dims;
+    if k.dims != v.dims || b != 1 || s == 0 || d == 0 || kv_heads == 0 {
+        return Err(ModelError::InputShape(format!(
+            "attention of one position: keys {:?}, values {:?}",
+            k.dims, v.dims
+        )));
+    }
+    let heads = q.len() / d;
+    if q.len() != heads * d || out.len() != q.len() || !heads.is_multiple_of(kv_heads) {
+        return Err(ModelError::InputShape(format!(
+            "attention of one position: {} query and {} output elements for {kv_heads} heads of {d}",
+            q.len(),
+            out.len()
+        )));
+    }
+    let group = heads / kv_heads;
+    let mut scratch = Vec::new();
+    for (kvh, out) in out.chunks_exact_mut(group * d).enumerate() {
+        let rows = Group {
+            queries: Rows {
+                data: q,
+                start: kvh * group * d,
+                step: d,
+                width: d,
+            },
+            heads: group,
+            keys: k.rows(0, kvh, 0, 2),
+            values: v.rows(0, kvh, 0, 2),
+            seen: s,
+        };
+        #[cfg(target_arch = "x86_64")]
+        if Kernel::detect().has_avx2() {
+            // SAFETY: `has_avx2`.
+            unsafe { rows.attend_avx2(out, &mut scratch) };
+            continue;
+        }
+        rows.attend(out, &mut scratch);
+    }
+    Ok(())
+}
+
+/// Rotates `x` (rows of `d`, one a head) in place by one position's angles
+/// (`cos` and `sin`, `d / 2` each), pairing elements `2i` and `2i + 1`
+/// (`interleaved`, candle's `rope_i`) or `i` and `i + d / 2` (its `rope`),
+/// with candle's arithmetic, so the bits are the same as theirs.
+pub(crate) fn rotate(x: &mut [f32], cos: &[f32], sin: &[f32], interleaved: bool) {
+    let half = cos.len().min(sin.len());
+    for row in x.chunks_exact_mut(2 * half) {
+        for (i, (&c, &s)) in cos.iter().zip(sin).enumerate() {
+            let (a, b) = if interleaved {
+                (2 * i, 2 * i + 1)
+            } else {
+                (i, i + half)
+            };
+            let (x0, x1) = (row[a], row[b]);
+            row[a] = x0 * c - x1 * s;
+            row[b] = x0 * s + x1 * c;
+        }
+    }
+}
+
+/// A tensor's storage in host memory.
+fn cpu(storage: &Storage) -> Result<&CpuStorage> {
+    match storage {
+        Storage::Cpu(data) => Ok(data),
+        other => Err(ModelError::Unsupported(format!(
+            "a fused CPU op got a tensor on {:?}",
+            other.device().location()
+        ))),
+    }
+}
+
+/// The elements of an f32 tensor's host storage.
+pub(crate) fn host(storage: &Storage) -> Result<&[f32]> {
+    match cpu(storage)? {
+        CpuStorage::F32(data) => Ok(data),
+        _ => Err(ModelError::Unsupported(format!(
+            "a fused CPU op takes f32 tensors, got {:?}",
+            storage.dtype()
+        ))),
+    }
+}
+
+/// The elements of contiguous data laid out by `layout`.
+pub(crate) fn contiguous<'a>(data: &'a [f32], layout: &Layout) -> Result<&'a [f32]> {
+    layout
+        .contiguous_offsets()
+        .and_then(|(from, to)| data.get(from..to))
+        .ok_or_else(|| {
+            ModelError::InputShape(format!(
+                "contiguous data expected, got {:?} strides {:?}",
+                layout.dims(),
+                layout.stride()
+            ))
+        })
+}
+
+/// Row `i`'s `width` elements of `[n, 1, width]` data whose last dimension
+/// is contiguous (one position each of `n` sessions).
+pub(crate) fn token_row<'a>(data: &'a [f32], layout: &Layout, i: usize) -> Result<&'a [f32]> {
+    let (dims, stride) = (layout.dims(), layout.stride());
+    let ([n, 1, width], [step, _, 1]) = (dims, stride) else {
+        return Err(ModelError::InputShape(format!(
+            "one row a session takes [n, 1, width] with a contiguous last dimension, got {dims:?} strides {stride:?}"
+        )));
+    };
+    let at = layout.start_offset() + i * step;
+    (i < *n)
+        .then(|| data.get(at..at + width))
+        .flatten()
+        .ok_or_else(|| ModelError::InputShape(format!("row {i} of {dims:?} is out of bounds")))
 }
 
 /// Equal-width rows spaced evenly through a buffer.
@@ -590,6 +722,70 @@ mod tests {
         }
         let other = random(&[2, 3, 41], &mut rng);
         assert!(silu_times(&gate, &other).is_err(), "shapes differ");
+    }
+
+    /// Batched decode steps rotate and attend without candle's ops; a
+    /// session's numbers must still be those of the ops it runs alone.
+    #[test]
+    fn one_positions_rotation_and_attention_are_the_ops_bit_for_bit() {
+        let mut rng = StdRng::seed_from_u64(11);
+        let (heads, kv_heads, d, s) = (9, 3, 64, 37);
+        let angles = random(&[1, d / 2], &mut rng);
+        let (cos, sin) = (angles.cos().unwrap(), angles.sin().unwrap());
+        let values = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let x = random(&[1, heads, 1, d], &mut rng);
+        for interleaved in [true, false] {
+            let want = if interleaved {
+                candle_nn::rotary_emb::rope_i(&x, &cos, &sin).unwrap()
+            } else {
+                candle_nn::rotary_emb::rope(&x, &cos, &sin).unwrap()
+            };
+            let mut got = values(&x);
+            rotate(&mut got, &values(&cos), &values(&sin), interleaved);
+            assert_eq!(got, values(&want), "interleaved: {interleaved}");
+        }
+        // Keys and values as a cache holds them: views of larger buffers.
+        let k = random(&[1, kv_heads, s + 5, d], &mut rng)
+            .narrow(2, 0, s)
+            .unwrap();
+        let v = random(&[1, kv_heads, s + 5, d], &mut rng)
+            .narrow(2, 0, s)
+            .unwrap();
+        let want = cached_attention(&x, &k, &v).unwrap();
+        let mut got = vec![0f32; heads * d];
+        attend_position(&values(&x), &k, &v, &mut got).unwrap();
+        assert_eq!(got, values(&want));
+        // Widths that do not fit are refused, the output untouched.
+        let mut short = vec![7f32; heads * d - 1];
+        assert!(attend_position(&values(&x), &k, &v, &mut short).is_err());
+        assert!(short.iter().all(|&y| y == 7.0));
+        let q = vec![0f32; 8 * d];
+        assert!(
+            attend_position(&q, &k, &v, &mut vec![0f32; 8 * d]).is_err(),
+            "8 heads over 3"
+        );
+    }
+
+    #[test]
+    fn session_rows_are_read_in_place_or_refused() {
+        let stacked = Tensor::arange(0f32, 24.0, &Device::Cpu)
+            .unwrap()
+            .reshape((3, 1, 8))
+            .unwrap();
+        let right = stacked.narrow(2, 5, 3).unwrap();
+        let (storage, layout) = right.storage_and_layout();
+        let data = host(&storage).unwrap();
+        assert_eq!(token_row(data, layout, 1).unwrap(), &[13.0, 14.0, 15.0]);
+        assert!(token_row(data, layout, 3).is_err(), "past the last row");
+        assert!(contiguous(data, layout).is_err(), "a strided view");
+        let flat = stacked.reshape((3, 8)).unwrap();
+        let (storage, layout) = flat.storage_and_layout();
+        assert!(
+            token_row(host(&storage).unwrap(), layout, 0).is_err(),
+            "rank 2"
+        );
+        let ints = Tensor::new(&[1u32, 2], &Device::Cpu).unwrap();
+        assert!(host(&ints.storage_and_layout().0).is_err(), "not f32");
     }
 
     #[test]
