@@ -442,7 +442,7 @@ impl BlockSpan {
             Ok(if differentiable {
                 ops::rms_norm_slow(x, w, eps)?
             } else {
-                ops::rms_norm(x, w, eps)?
+                rms_norm(x, w, eps)?
             })
         };
         let h = norm(x, &w.attn_norm)?;
@@ -618,6 +618,16 @@ fn fusable(differentiable: bool, x: &Tensor) -> bool {
     !differentiable && x.device().is_cpu()
 }
 
+/// RMS norm without a backward: [`fused::rms_norm`] on the CPU (every CPU
+/// path, so that they agree), candle's elsewhere.
+fn rms_norm(x: &Tensor, alpha: &Tensor, eps: f32) -> Result<Tensor> {
+    if x.device().is_cpu() {
+        fused::rms_norm(x, alpha, eps)
+    } else {
+        Ok(ops::rms_norm(x, alpha, eps)?)
+    }
+}
+
 /// The outputs of a fused projection as a fixed-size array.
 fn split<const N: usize>(outs: Vec<Tensor>) -> Result<[Tensor; N]> {
     outs.try_into().map_err(|v: Vec<Tensor>| {
@@ -703,7 +713,7 @@ impl Head {
             .to_device(self.norm.device())?;
         self.combiner.run(last, |last| {
             bind(self.norm.device())?;
-            let normed = ops::rms_norm(last, &self.norm, self.eps)?;
+            let normed = rms_norm(last, &self.norm, self.eps)?;
             rayon::scope(|_| {
                 bind(self.norm.device())?;
                 Ok(self.lm_head.forward(&normed)?.squeeze(1)?)
@@ -715,7 +725,7 @@ impl Head {
     pub fn forward_all(&self, hidden: &Tensor) -> Result<Tensor> {
         bind(self.norm.device())?;
         let hidden = hidden.to_dtype(DType::F32)?.to_device(self.norm.device())?;
-        let normed = ops::rms_norm(&hidden, &self.norm, self.eps)?;
+        let normed = rms_norm(&hidden, &self.norm, self.eps)?;
         self.lm_head.forward(&normed)
     }
 
