@@ -4,7 +4,10 @@
 //! its attention as a dozen small ops (two of them tiny GEMMs, each with its
 //! own dispatch) and its SiLU-times-up as two passes with a temporary: at
 //! this size the dispatch and allocation cost more than the arithmetic.
-//! Prompts take the same attention, each position as its own step would.
+//! Decode steps rotate and attend row by row on slices ([`rotate`],
+//! [`attend_position`]); prompts take the same attention kernel, each
+//! position as its own step would. candle's RMS norm sums each row in one
+//! chain of dependent adds; [`rms_norm`] sums in lanes.
 //! `llama.rs` uses these on the CPU when no gradient is needed; the training
 //! path keeps candle's ops, which have a backward, and GPUs keep theirs.
 
@@ -114,12 +117,7 @@ impl CustomOp3 for CachedAttention {
                 values: v.rows(bi, kvh, 0, 2),
                 seen: s - t + i + 1,
             };
-            #[cfg(target_arch = "x86_64")]
-            if Kernel::detect().has_avx2() {
-                // SAFETY: `has_avx2`.
-                return unsafe { rows.attend_avx2(out, scratch) };
-            }
-            rows.attend(out, scratch)
+            rows.run(out, scratch)
         };
         let mut out = vec![0f32; b * t * heads * d];
         // Units run in parallel once a cache is long enough to pay for the
@@ -138,8 +136,8 @@ impl CustomOp3 for CachedAttention {
     }
 }
 
-/// A decode step's attention for one session of a batch, without candle's
-/// ops: `q` (its heads' rows of `d`, rotated) at the newest of the `s`
+/// One session's decode-step attention, alone or in a batch, without a
+/// candle op: `q` (its heads' rows of `d`, rotated) at the newest of the `s`
 /// positions in `keys` and `values` (`[1, kv_heads, s, d]`, the session's
 /// cache), into `out` (`heads * d`). The arithmetic is
 /// [`cached_attention`]'s for one query, so a session's result is the same
@@ -187,13 +185,7 @@ pub(crate) fn attend_position(
             values: v.rows(0, kvh, 0, 2),
             seen: s,
         };
-        #[cfg(target_arch = "x86_64")]
-        if Kernel::detect().has_avx2() {
-            // SAFETY: `has_avx2`.
-            unsafe { rows.attend_avx2(out, &mut scratch) };
-            continue;
-        }
-        rows.attend(out, &mut scratch);
+        rows.run(out, &mut scratch);
     }
     Ok(())
 }
@@ -322,6 +314,16 @@ struct Group<'a> {
 }
 
 impl Group<'_> {
+    /// [`attend`](Self::attend), in its AVX2 build where the CPU has AVX2.
+    fn run(&self, out: &mut [f32], scratch: &mut Vec<f32>) {
+        #[cfg(target_arch = "x86_64")]
+        if Kernel::detect().has_avx2() {
+            // SAFETY: `has_avx2`.
+            return unsafe { self.attend_avx2(out, scratch) };
+        }
+        self.attend(out, scratch)
+    }
+
     /// Each query's softmax-weighted sum of values into its row of `out`
     /// (`heads * d` floats); `scratch` holds the scores.
     #[inline(always)]
