@@ -594,8 +594,39 @@ impl CustomOp2 for SiluTimes {
 #[inline(always)]
 fn silu_times_row(g: &[f32], u: &[f32], out: &mut [f32]) {
     for ((out, &g), &u) in out.iter_mut().zip(g).zip(u) {
-        *out = g / (1.0 + exp(-g)) * u;
+        *out = silu_times_one(g, u);
     }
+}
+
+#[inline(always)]
+fn silu_times_one(g: f32, u: f32) -> f32 {
+    g / (1.0 + exp(-g)) * u
+}
+
+/// `g = silu(g) * u`, elementwise, with [`silu_times`]' arithmetic (so the
+/// same bits), for a gated matmul's tiles.
+pub(crate) fn silu_times_in_place(g: &mut [f32], u: &[f32]) {
+    #[inline(always)]
+    fn run(g: &mut [f32], u: &[f32]) {
+        for (g, &u) in g.iter_mut().zip(u) {
+            *g = silu_times_one(*g, u);
+        }
+    }
+    /// [`run`] compiled for AVX2.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn run_avx2(g: &mut [f32], u: &[f32]) {
+        run(g, u)
+    }
+    #[cfg(target_arch = "x86_64")]
+    if Kernel::detect().has_avx2() {
+        // SAFETY: `has_avx2`.
+        return unsafe { run_avx2(g, u) };
+    }
+    run(g, u)
 }
 
 /// [`silu_times_row`] compiled for AVX2: the same arithmetic, lane for lane.

@@ -142,6 +142,7 @@ impl Linear {
                 matrix: m.clone(),
                 precision: *precision,
                 kernel: Kernel::detect(),
+                gated: false,
             })?,
             Self::Dense(w) => x.broadcast_matmul(&w.t()?)?,
             Self::Candle(q) => q.forward(x)?,
@@ -154,6 +155,8 @@ struct QuantMatmul {
     matrix: Arc<QuantMatrix>,
     precision: Precision,
     kernel: Kernel,
+    /// `silu(gate) * up` of the matrix's halves ([`QuantMatrix::matmul_gated`]).
+    gated: bool,
 }
 
 impl CustomOp1 for QuantMatmul {
@@ -182,13 +185,16 @@ impl CustomOp1 for QuantMatmul {
         }
         let x = &data[start..end];
         let tokens = x.len() / cols;
-        let out = match self.precision {
-            Precision::F32 => self.matrix.matmul(x, tokens, self.kernel),
-            Precision::Q8 => self.matrix.matmul_q8(x, tokens, self.kernel),
+        let m = &self.matrix;
+        let out = match (self.precision, self.gated) {
+            (Precision::F32, false) => m.matmul(x, tokens, self.kernel),
+            (Precision::Q8, false) => m.matmul_q8(x, tokens, self.kernel),
+            (Precision::F32, true) => m.matmul_gated(x, tokens, self.kernel),
+            (Precision::Q8, true) => m.matmul_q8_gated(x, tokens, self.kernel),
         };
         let mut out_dims = dims.to_vec();
         if let Some(last) = out_dims.last_mut() {
-            *last = self.matrix.rows();
+            *last = if self.gated { m.rows() / 2 } else { m.rows() };
         }
         Ok((CpuStorage::F32(out), Shape::from(out_dims)))
     }
@@ -201,6 +207,9 @@ impl CustomOp1 for QuantMatmul {
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
+        if self.gated {
+            candle_core::bail!("a gated matmul has no backward (it is applied without one)")
+        }
         let w = Tensor::from_vec(
             self.matrix.dequantize(),
             (self.matrix.rows(), self.matrix.cols()),
@@ -280,6 +289,27 @@ impl FusedLinear {
             }
             Self::Separate(ls) => ls.iter().map(|l| l.forward(x)).collect(),
         }
+    }
+
+    /// `silu(gate) * up` of a two-part projection (gate over up) in one
+    /// pass over the stacked matrix, where this crate's kernels run it (the
+    /// CPU); `None` elsewhere, for the caller to split
+    /// [`forward`](Self::forward)'s outputs instead. No gradient flows
+    /// through it.
+    pub fn gated(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        Ok(match self {
+            Self::Stacked(Linear::Quant(m, precision), widths)
+                if widths[..] == [m.rows() / 2; 2] && m.gates() && x.device().is_cpu() =>
+            {
+                Some(x.contiguous()?.apply_op1_no_bwd(&QuantMatmul {
+                    matrix: m.clone(),
+                    precision: *precision,
+                    kernel: Kernel::detect(),
+                    gated: true,
+                })?)
+            }
+            _ => None,
+        })
     }
 
     /// Whether gradients flow back through every part.

@@ -469,11 +469,23 @@ impl BlockSpan {
         };
         let x = (x + w.o.forward(&y)?)?;
         let h = norm(&x, &w.ffn_norm)?;
-        let [gate, up] = split(w.gate_up.forward(&h)?)?;
-        let act = if fusable(differentiable, &gate) {
-            fused::silu_times(&gate, &up)?
+        // silu(gate) * up inside the matmul's tasks where the kernels allow:
+        // no parallel pass of its own, nor the two halves in between.
+        let gated = if fusable(differentiable, &h) {
+            w.gate_up.gated(&h)?
         } else {
-            (ops::silu(&gate)? * up)?
+            None
+        };
+        let act = match gated {
+            Some(act) => act,
+            None => {
+                let [gate, up] = split(w.gate_up.forward(&h)?)?;
+                if fusable(differentiable, &gate) {
+                    fused::silu_times(&gate, &up)?
+                } else {
+                    (ops::silu(&gate)? * up)?
+                }
+            }
         };
         let mlp = w.down.forward(&act)?;
         Ok((x + mlp)?)

@@ -19,7 +19,7 @@ use std::arch::x86_64::*;
 use std::ops::Range;
 
 use super::avx2::prefetch_ahead;
-use super::{Arrangement, BLOCK, PANEL, Q8Block, QuantLayout, QuantMatrix, Row};
+use super::{Arrangement, BLOCK, NIBBLE_Q8_ORDER, PANEL, Q8Block, QuantLayout, QuantMatrix, Row};
 
 /// Sums a vector's lanes, always in the same order.
 #[inline]
@@ -118,6 +118,33 @@ impl Expand for Int8 {
                 _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes)))
             };
             (widen(q), widen(q.add(16)))
+        }
+    }
+}
+
+/// `from`'s 32-blocks, each in [`super::NIBBLE_Q8_ORDER`], written to
+/// `to`: the order's indices, taken across a block's two vectors, are
+/// `vpermt2ps`'s.
+///
+/// # Safety
+/// The CPU must support AVX-512 F, `to` must be valid for writing
+/// `from.len()` floats, and `from.len()` must be a multiple of 32.
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn nibble_order(from: &[f32], to: *mut f32) {
+    let order = NIBBLE_Q8_ORDER.map(|i| i as i32);
+    // SAFETY: 32 indices; block `b`'s loads lie in `from` and its stores in
+    // the caller's `from.len()` floats.
+    unsafe {
+        let low = _mm512_loadu_si512(order.as_ptr().cast());
+        let high = _mm512_loadu_si512(order.as_ptr().add(16).cast());
+        for (b, f) in from.chunks_exact(BLOCK).enumerate() {
+            let (a, c) = (
+                _mm512_loadu_ps(f.as_ptr()),
+                _mm512_loadu_ps(f.as_ptr().add(16)),
+            );
+            let t = to.add(b * BLOCK);
+            _mm512_storeu_ps(t, _mm512_permutex2var_ps(a, low, c));
+            _mm512_storeu_ps(t.add(16), _mm512_permutex2var_ps(a, high, c));
         }
     }
 }

@@ -478,25 +478,49 @@ impl QuantMatrix {
     /// share each expanded weight block: up to eight for AVX-512's kernels,
     /// four for the others.
     pub fn matmul(&self, x: &[f32], tokens: usize, kernel: Kernel) -> Vec<f32> {
+        self.product(x, tokens, kernel, Output::Rows)
+    }
+
+    /// `silu(gate) * up` for `x` of shape `[tokens, cols]`, where this
+    /// matrix stacks a gate projection's rows over an up projection's (a
+    /// gated MLP's two inputs), returning `[tokens, rows / 2]`: the bits of
+    /// [`matmul`](Self::matmul)'s halves put through `silu(gate) * up`,
+    /// without the `[tokens, rows]` in between or a parallel pass of its own
+    /// (a tenth of an 8-session decode step's MLP). See [`gates`](Self::gates).
+    pub fn matmul_gated(&self, x: &[f32], tokens: usize, kernel: Kernel) -> Vec<f32> {
+        self.product(x, tokens, kernel, Output::Gated)
+    }
+
+    /// Whether [`matmul_gated`](Self::matmul_gated) and
+    /// [`matmul_q8_gated`](Self::matmul_q8_gated) take this matrix: its rows
+    /// halve evenly (into whole panels, where it has them).
+    pub fn gates(&self) -> bool {
+        let half = self.rows / 2;
+        self.rows.is_multiple_of(2)
+            && half > 0
+            && (self.arrangement == Arrangement::Rows || half.is_multiple_of(PANEL))
+    }
+
+    fn product(&self, x: &[f32], tokens: usize, kernel: Kernel, output: Output) -> Vec<f32> {
         assert_eq!(x.len(), tokens * self.cols, "activation length");
         if self.arrangement == Arrangement::Panels {
             // Not a path inference takes: panels are made for 8-bit
             // activations only (`Linear` at `Precision::Q8`).
-            return self.to_rows().matmul(x, tokens, kernel);
+            return self.to_rows().product(x, tokens, kernel, output);
         }
         if kernel == Kernel::Avx512 && self.cols <= AVX512_F32_COLS {
             // The table kernel meets each block's activations in the 8-bit
             // kernels' order; its table holds the offsets, so no block sums.
             let x = match self.layout {
                 QuantLayout::Int8 => AlignedF32::copy(x),
-                QuantLayout::Nibbles => AlignedF32::permuted(x, &NIBBLE_Q8_ORDER),
+                QuantLayout::Nibbles => AlignedF32::nibble_ordered(x, kernel),
             };
             let acts = Activations {
                 x: x.as_slice(),
                 xsums: &[],
                 cols: self.cols,
             };
-            return self.by_rows(tokens, 8, &F32Tiles(self.layout, kernel, acts));
+            return self.by_rows(tokens, 8, &F32Tiles(self.layout, kernel, acts), output);
         }
         // Elsewhere AVX2's kernels are the faster ones for f32 activations.
         let kernel = match kernel {
@@ -513,7 +537,7 @@ impl QuantMatrix {
             xsums: &xsums,
             cols: self.cols,
         };
-        self.by_rows(tokens, 4, &F32Tiles(self.layout, kernel, acts))
+        self.by_rows(tokens, 4, &F32Tiles(self.layout, kernel, acts), output)
     }
 
     /// [`matmul`](Self::matmul) with the activations first rounded to 8 bits
@@ -523,23 +547,37 @@ impl QuantMatrix {
     /// those results may differ from llama.cpp's in the last bits). Tiles
     /// take up to eight tokens on AVX-512, four elsewhere.
     pub fn matmul_q8(&self, x: &[f32], tokens: usize, kernel: Kernel) -> Vec<f32> {
+        self.product_q8(x, tokens, kernel, Output::Rows)
+    }
+
+    /// [`matmul_gated`](Self::matmul_gated) with [`matmul_q8`](Self::matmul_q8)'s
+    /// 8-bit activations.
+    pub fn matmul_q8_gated(&self, x: &[f32], tokens: usize, kernel: Kernel) -> Vec<f32> {
+        self.product_q8(x, tokens, kernel, Output::Gated)
+    }
+
+    fn product_q8(&self, x: &[f32], tokens: usize, kernel: Kernel, output: Output) -> Vec<f32> {
         assert_eq!(x.len(), tokens * self.cols, "activation length");
         let (kernel, widest) = match (self.arrangement, kernel) {
             // Eight tokens' accumulators, a register each, beside a block's
             // eight vectors of weights.
             (Arrangement::Panels, Kernel::Avx512) => (kernel, 8),
             // Other kernels read rows; tests compare them on both.
-            (Arrangement::Panels, _) => return self.to_rows().matmul_q8(x, tokens, kernel),
+            (Arrangement::Panels, _) => {
+                return self.to_rows().product_q8(x, tokens, kernel, output);
+            }
             // AVX-512's kernel reads panels; on rows AVX2's runs.
             (Arrangement::Rows, Kernel::Avx512) => (Kernel::Avx2, 4),
             (Arrangement::Rows, _) => (kernel, 4),
         };
         let acts = Q8Activations::quantize(x, self.cols, self.layout, kernel);
-        self.by_rows(tokens, widest, &Q8Tiles(self.layout, kernel, acts))
+        self.by_rows(tokens, widest, &Q8Tiles(self.layout, kernel, acts), output)
     }
 
     /// Every row's dot products with every token, rows split across rayon's
-    /// pool, as `[tokens, rows]`, in tiles of at most `widest` tokens.
+    /// pool, as `[tokens, rows]`, in tiles of at most `widest` tokens; or,
+    /// for [`Output::Gated`], `silu(gate) * up` of each task's gate rows and
+    /// the up rows half a matrix below them, as `[tokens, rows / 2]`.
     ///
     /// A task takes a few rows and runs token tiles outside, rows inside, so
     /// both its rows' blocks and a tile's activations stay in L1 (rows outside
@@ -549,17 +587,34 @@ impl QuantMatrix {
     /// each tile expands every weight block once. Every tile width sums a
     /// token's blocks in the same order, so a session's result does not
     /// depend on the batch it ran in.
-    fn by_rows(&self, tokens: usize, widest: usize, tiles: &impl Tiles) -> Vec<f32> {
+    fn by_rows(
+        &self,
+        tokens: usize,
+        widest: usize,
+        tiles: &impl Tiles,
+        output: Output,
+    ) -> Vec<f32> {
         // Enough weights per task that rayon's overhead stays small next to
         // the work, and few enough that they stay in L1; whole panels.
         let unit = match self.arrangement {
             Arrangement::Rows => 1,
             Arrangement::Panels => PANEL,
         };
-        let rows_per_task = (16_384 / self.cols)
+        let (out_rows, weights_per_row) = match output {
+            Output::Rows => (self.rows, 1),
+            Output::Gated => {
+                assert!(
+                    self.gates(),
+                    "{} rows do not halve into gate and up",
+                    self.rows
+                );
+                (self.rows / 2, 2)
+            }
+        };
+        let rows_per_task = (16_384 / (self.cols * weights_per_row))
             .next_multiple_of(unit)
-            .clamp(1, self.rows.next_multiple_of(unit));
-        let total = self.rows * tokens;
+            .clamp(1, out_rows.next_multiple_of(unit));
+        let total = out_rows * tokens;
         let mut out: Vec<f32> = Vec::with_capacity(total);
         // Each tile's results go from a small buffer straight into place, a
         // run of the task's rows per token. Gathering whole tasks' results
@@ -567,38 +622,38 @@ impl QuantMatrix {
         // matmul (3072 x 576); writing each result into place at once put a
         // tile's tokens, a whole output row apart, in one cache set.
         let dst = Columns(out.spare_capacity_mut().as_mut_ptr().cast());
-        (0..self.rows.div_ceil(rows_per_task))
+        (0..out_rows.div_ceil(rows_per_task))
             .into_par_iter()
-            // One tile buffer a worker, reused, rather than one cleared for
+            // Tile buffers a worker, reused, rather than ones cleared for
             // every task.
-            .for_each_init(Vec::new, |tile, task| {
-                let first = task * rows_per_task;
-                let rows = first..(first + rows_per_task).min(self.rows);
-                let mut t = 0;
-                while t < tokens {
-                    let width = widest.min(8).min(tokens - t);
-                    tile.resize(width * rows.len(), 0.0);
-                    let tile = &mut tile[..];
-                    match width {
-                        8 => tiles.fill::<8>(self, rows.clone(), t, tile),
-                        7 => tiles.fill::<7>(self, rows.clone(), t, tile),
-                        6 => tiles.fill::<6>(self, rows.clone(), t, tile),
-                        5 => tiles.fill::<5>(self, rows.clone(), t, tile),
-                        4 => tiles.fill::<4>(self, rows.clone(), t, tile),
-                        3 => tiles.fill::<3>(self, rows.clone(), t, tile),
-                        2 => tiles.fill::<2>(self, rows.clone(), t, tile),
-                        _ => tiles.fill::<1>(self, rows.clone(), t, tile),
+            .for_each_init(
+                || (Vec::new(), Vec::new()),
+                |(tile, up), task| {
+                    let first = task * rows_per_task;
+                    let rows = first..(first + rows_per_task).min(out_rows);
+                    let mut t = 0;
+                    while t < tokens {
+                        let width = widest.min(8).min(tokens - t);
+                        tile.resize(width * rows.len(), 0.0);
+                        fill(self, tiles, rows.clone(), t, width, tile);
+                        if output == Output::Gated {
+                            up.resize(tile.len(), 0.0);
+                            let up_rows = rows.start + out_rows..rows.end + out_rows;
+                            fill(self, tiles, up_rows, t, width, up);
+                            crate::fused::silu_times_in_place(tile, up);
+                        }
+                        for (k, run) in tile.chunks_exact(rows.len()).enumerate() {
+                            // SAFETY: `rows` lie within `0..out_rows` and
+                            // token `t + k` within the output's `tokens`, so
+                            // the run is inside it; no other task writes
+                            // these rows.
+                            unsafe { dst.write((t + k) * out_rows + rows.start, run) };
+                        }
+                        t += width;
                     }
-                    for (k, run) in tile.chunks_exact(rows.len()).enumerate() {
-                        // SAFETY: `rows` lie within `0..self.rows` and token
-                        // `t + k` within the output's `tokens`, so the run
-                        // is inside it; no other task writes these rows.
-                        unsafe { dst.write((t + k) * self.rows + rows.start, run) };
-                    }
-                    t += width;
-                }
-            });
-        // SAFETY: the tasks' rows cover `0..self.rows`, and each task wrote
+                },
+            );
+        // SAFETY: the tasks' rows cover `0..out_rows`, and each task wrote
         // every token's run of its rows (a panic in a task propagates before
         // this line).
         unsafe { out.set_len(total) };
@@ -652,6 +707,37 @@ impl Columns {
 unsafe impl Sync for Columns {}
 
 /// One matmul's activations and kernel, for any tile width.
+/// What [`QuantMatrix::by_rows`] hands back.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Output {
+    /// Every row's dot products.
+    Rows,
+    /// `silu(gate) * up`, the rows being gate's over up's.
+    Gated,
+}
+
+/// `rows` of `m` against tokens `t..t + width` into `tile`, through the
+/// kernel built for that width.
+fn fill(
+    m: &QuantMatrix,
+    tiles: &impl Tiles,
+    rows: Range<usize>,
+    t: usize,
+    width: usize,
+    tile: &mut [f32],
+) {
+    match width {
+        8 => tiles.fill::<8>(m, rows, t, tile),
+        7 => tiles.fill::<7>(m, rows, t, tile),
+        6 => tiles.fill::<6>(m, rows, t, tile),
+        5 => tiles.fill::<5>(m, rows, t, tile),
+        4 => tiles.fill::<4>(m, rows, t, tile),
+        3 => tiles.fill::<3>(m, rows, t, tile),
+        2 => tiles.fill::<2>(m, rows, t, tile),
+        _ => tiles.fill::<1>(m, rows, t, tile),
+    }
+}
+
 trait Tiles: Sync {
     /// Rows `rows` of `m` against tokens `t..t + N`, into `tile` as
     /// `[N, rows]`, the tile's activations taken once for all the rows (not
@@ -855,6 +941,32 @@ impl AlignedF32 {
         let mut out = Self::zeroed(x.len());
         out.as_mut_slice().copy_from_slice(x);
         out
+    }
+
+    /// `x` in [`NIBBLE_Q8_ORDER`], two permutes a block on AVX-512. The
+    /// gather element by element ran on one core before each matmul's
+    /// parallel part, ~13 us a block of the default model for eight
+    /// sessions, while the other core waited.
+    fn nibble_ordered(x: &[f32], kernel: Kernel) -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if kernel == Kernel::Avx512 && x.len().is_multiple_of(BLOCK) {
+            // Written whole, so not zeroed first.
+            let mut lines: Vec<CacheLine> = Vec::with_capacity(x.len() / 16);
+            // SAFETY: `Kernel::Avx512` comes only from `Kernel::supported`,
+            // after checking for AVX-512 F; the capacity holds `x.len()`
+            // floats, every one of which `nibble_order` writes, so the lines
+            // are initialised whole (`x.len()` is a multiple of 16).
+            unsafe {
+                avx512::nibble_order(x, lines.as_mut_ptr().cast());
+                lines.set_len(x.len() / 16);
+            }
+            return Self {
+                lines,
+                len: x.len(),
+            };
+        }
+        let _ = kernel;
+        Self::permuted(x, &NIBBLE_Q8_ORDER)
     }
 
     /// `x` with each 32-block's elements in `order` (`to[i] = from[order[i]]`).
@@ -1247,6 +1359,10 @@ mod tests {
         assert_eq!(copy.as_slice().as_ptr() as usize % 64, 0);
         let permuted = AlignedF32::permuted(&x, &NIBBLE_Q8_ORDER);
         assert_eq!(permuted.as_slice().as_ptr() as usize % 64, 0);
+        for kernel in Kernel::supported() {
+            let ordered = AlignedF32::nibble_ordered(&x, kernel);
+            assert_eq!(ordered.as_slice(), permuted.as_slice(), "{kernel:?}");
+        }
         for (to, from) in permuted
             .as_slice()
             .chunks_exact(BLOCK)
@@ -1298,6 +1414,51 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A gated matmul gives `silu(gate) * up` of the plain matmul's halves,
+    /// bit for bit, at every tile width, precision, kernel and arrangement;
+    /// a matrix whose rows do not halve (into whole panels) is not gated.
+    #[test]
+    fn gated_matmuls_are_silu_of_the_halves_bit_for_bit() {
+        let reference = |full: &[f32], tokens: usize, half: usize| -> Vec<f32> {
+            let mut out = Vec::with_capacity(tokens * half);
+            for row in full.chunks_exact(2 * half) {
+                let (mut gate, up) = (row[..half].to_vec(), &row[half..]);
+                crate::fused::silu_times_in_place(&mut gate, up);
+                out.extend(gate);
+            }
+            out
+        };
+        for dtype in [GgmlDType::Q4_1, GgmlDType::Q8_0] {
+            // 48 rows a half: tasks of 14 gate rows at 576 columns, one short.
+            let (m, _) = quantized(dtype, 96, 576);
+            let panels = m.clone().into_panels();
+            assert!(m.gates() && panels.gates());
+            for tokens in [1, 5, 8, 13] {
+                let x = random(tokens, 576, 3);
+                for kernel in Kernel::supported() {
+                    let full = m.matmul(&x, tokens, kernel);
+                    let want = reference(&full, tokens, 48);
+                    assert_eq!(
+                        m.matmul_gated(&x, tokens, kernel),
+                        want,
+                        "{dtype:?} {kernel:?}"
+                    );
+                    let full = m.matmul_q8(&x, tokens, kernel);
+                    let want = reference(&full, tokens, 48);
+                    assert_eq!(m.matmul_q8_gated(&x, tokens, kernel), want);
+                    // Panels sum in their own order.
+                    let full = panels.matmul_q8(&x, tokens, kernel);
+                    let want = reference(&full, tokens, 48);
+                    assert_eq!(panels.matmul_q8_gated(&x, tokens, kernel), want);
+                }
+            }
+        }
+        let (odd, _) = quantized(GgmlDType::Q4_1, 37, 576);
+        let (uneven_panels, _) = quantized(GgmlDType::Q4_1, 40, 576);
+        assert!(!odd.gates() && uneven_panels.gates());
+        assert!(!uneven_panels.into_panels().gates());
     }
 
     /// A row's results are the same whichever rows share its task and its
