@@ -486,7 +486,7 @@ impl QuantMatrix {
     /// gated MLP's two inputs), returning `[tokens, rows / 2]`: the bits of
     /// [`matmul`](Self::matmul)'s halves put through `silu(gate) * up`,
     /// without the `[tokens, rows]` in between or a parallel pass of its own
-    /// (a tenth of an 8-session decode step's MLP). See [`gates`](Self::gates).
+    /// (~5% of an 8-session decode step's MLP). See [`gates`](Self::gates).
     pub fn matmul_gated(&self, x: &[f32], tokens: usize, kernel: Kernel) -> Vec<f32> {
         self.product(x, tokens, kernel, Output::Gated)
     }
