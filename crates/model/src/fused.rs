@@ -576,14 +576,7 @@ impl CustomOp2 for SiluTimes {
             .zip(gate_rows.par_iter().zip(&up_rows))
             .with_min_len(PARALLEL_ELEMENTS.div_ceil(width.max(1)))
             .for_each(|(out, (&g, &u))| {
-                let (g, u) = (&gate[g..g + width], &up[u..u + width]);
-                #[cfg(target_arch = "x86_64")]
-                if Kernel::detect().has_avx2() {
-                    // SAFETY: `has_avx2`.
-                    unsafe { silu_times_avx2(g, u, out) };
-                    return;
-                }
-                silu_times_row(g, u, out);
+                silu_times_into(&gate[g..g + width], &up[u..u + width], out);
             });
         Ok((CpuStorage::F32(out), lg.shape().clone()))
     }
@@ -594,39 +587,21 @@ impl CustomOp2 for SiluTimes {
 #[inline(always)]
 fn silu_times_row(g: &[f32], u: &[f32], out: &mut [f32]) {
     for ((out, &g), &u) in out.iter_mut().zip(g).zip(u) {
-        *out = silu_times_one(g, u);
+        *out = g / (1.0 + exp(-g)) * u;
     }
 }
 
-#[inline(always)]
-fn silu_times_one(g: f32, u: f32) -> f32 {
-    g / (1.0 + exp(-g)) * u
-}
-
-/// `g = silu(g) * u`, elementwise, with [`silu_times`]' arithmetic (so the
-/// same bits), for a gated matmul's tiles.
-pub(crate) fn silu_times_in_place(g: &mut [f32], u: &[f32]) {
-    #[inline(always)]
-    fn run(g: &mut [f32], u: &[f32]) {
-        for (g, &u) in g.iter_mut().zip(u) {
-            *g = silu_times_one(*g, u);
-        }
-    }
-    /// [`run`] compiled for AVX2.
-    ///
-    /// # Safety
-    /// The CPU must support AVX2 and FMA.
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn run_avx2(g: &mut [f32], u: &[f32]) {
-        run(g, u)
-    }
+/// `out = silu(g) * u`, elementwise, in [`silu_times_row`]'s AVX2 build
+/// where the CPU has AVX2: [`silu_times`] and a gated matmul's tiles
+/// ([`crate::quant::QuantMatrix::matmul_gated`]) both take it, so they
+/// agree to the bit.
+pub(crate) fn silu_times_into(g: &[f32], u: &[f32], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if Kernel::detect().has_avx2() {
         // SAFETY: `has_avx2`.
-        return unsafe { run_avx2(g, u) };
+        return unsafe { silu_times_avx2(g, u, out) };
     }
-    run(g, u)
+    silu_times_row(g, u, out)
 }
 
 /// [`silu_times_row`] compiled for AVX2: the same arithmetic, lane for lane.

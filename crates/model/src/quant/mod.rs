@@ -627,8 +627,8 @@ impl QuantMatrix {
             // Tile buffers a worker, reused, rather than ones cleared for
             // every task.
             .for_each_init(
-                || (Vec::new(), Vec::new()),
-                |(tile, up), task| {
+                || (Vec::new(), Vec::new(), Vec::new()),
+                |(tile, up, gated), task| {
                     let first = task * rows_per_task;
                     let rows = first..(first + rows_per_task).min(out_rows);
                     let mut t = 0;
@@ -636,13 +636,18 @@ impl QuantMatrix {
                         let width = widest.min(8).min(tokens - t);
                         tile.resize(width * rows.len(), 0.0);
                         fill(self, tiles, rows.clone(), t, width, tile);
-                        if output == Output::Gated {
-                            up.resize(tile.len(), 0.0);
-                            let up_rows = rows.start + out_rows..rows.end + out_rows;
-                            fill(self, tiles, up_rows, t, width, up);
-                            crate::fused::silu_times_in_place(tile, up);
-                        }
-                        for (k, run) in tile.chunks_exact(rows.len()).enumerate() {
+                        let results: &[f32] = match output {
+                            Output::Rows => tile,
+                            Output::Gated => {
+                                up.resize(tile.len(), 0.0);
+                                let up_rows = rows.start + out_rows..rows.end + out_rows;
+                                fill(self, tiles, up_rows, t, width, up);
+                                gated.resize(tile.len(), 0.0);
+                                crate::fused::silu_times_into(tile, up, gated);
+                                gated
+                            }
+                        };
+                        for (k, run) in results.chunks_exact(rows.len()).enumerate() {
                             // SAFETY: `rows` lie within `0..out_rows` and
                             // token `t + k` within the output's `tokens`, so
                             // the run is inside it; no other task writes
@@ -1424,9 +1429,9 @@ mod tests {
         let reference = |full: &[f32], tokens: usize, half: usize| -> Vec<f32> {
             let mut out = Vec::with_capacity(tokens * half);
             for row in full.chunks_exact(2 * half) {
-                let (mut gate, up) = (row[..half].to_vec(), &row[half..]);
-                crate::fused::silu_times_in_place(&mut gate, up);
-                out.extend(gate);
+                let mut gated = vec![0.0; half];
+                crate::fused::silu_times_into(&row[..half], &row[half..], &mut gated);
+                out.extend(gated);
             }
             out
         };
