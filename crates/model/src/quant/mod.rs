@@ -711,7 +711,6 @@ impl Columns {
 // SAFETY: tasks write disjoint elements through it (see `by_rows`).
 unsafe impl Sync for Columns {}
 
-/// One matmul's activations and kernel, for any tile width.
 /// What [`QuantMatrix::by_rows`] hands back.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Output {
@@ -743,6 +742,7 @@ fn fill(
     }
 }
 
+/// One matmul's activations and kernel, for any tile width.
 trait Tiles: Sync {
     /// Rows `rows` of `m` against tokens `t..t + N`, into `tile` as
     /// `[N, rows]`, the tile's activations taken once for all the rows (not
