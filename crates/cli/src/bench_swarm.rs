@@ -10,13 +10,20 @@
 //! several rounds, each swarm's runs alternating with runs of the local
 //! model, and the tables give medians: a swarm's ratio is to the local runs
 //! interleaved with it.
+//!
+//! Concurrent clients can gain only what batching gains when every server
+//! shares the same cores: there is no pipeline of machines to fill. So each
+//! concurrency round also prices that many clients' work on the local
+//! model, compute only, with their decode steps batched, and the table gives
+//! that ceiling beside the swarm's ratio.
 
 use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
+use candle_core::Tensor;
 use clap::Args;
-use model::{GenerationRequest, LocalBlocks, SamplingParams};
+use model::{GenerationRequest, LocalBlocks, LocalModel, SamplingParams};
 use server::{Server, ServerConfig, SpanChoice};
 
 use crate::bench::median;
@@ -62,6 +69,9 @@ struct ConcurrencyRow {
     aggregate_tokens_per_s: f64,
     /// Session steps per compute pass, over every server.
     mean_batch: f64,
+    /// The most that many clients can gain over one on these cores
+    /// ([`compute_ceiling`]).
+    compute_ceiling: f64,
 }
 
 const PROMPT: &str = "The history of the printing press begins in the fifteenth century, when";
@@ -166,6 +176,7 @@ impl SwarmBench {
             }
             if n == largest {
                 let mut rates = vec![Vec::new(); self.clients.len()];
+                let mut ceilings = vec![Vec::new(); self.clients.len()];
                 let mut batches = vec![(0.0, 0.0); self.clients.len()];
                 for _ in 0..rounds {
                     for (i, &clients) in self.clients.iter().enumerate() {
@@ -176,15 +187,17 @@ impl SwarmBench {
                         let after = batch_totals(&servers);
                         batches[i].0 += after.0 - before.0;
                         batches[i].1 += after.1 - before.1;
+                        ceilings[i].push(compute_ceiling(&local, &req, clients)?);
                     }
                 }
-                for ((&clients, rates), (steps, passes)) in
-                    self.clients.iter().zip(rates).zip(batches)
+                for (((&clients, rates), ceilings), (steps, passes)) in
+                    self.clients.iter().zip(rates).zip(ceilings).zip(batches)
                 {
                     concurrency.push(ConcurrencyRow {
                         clients,
                         aggregate_tokens_per_s: median(rates),
                         mean_batch: steps / f64::max(passes, 1.0),
+                        compute_ceiling: median(ceilings),
                     });
                 }
             }
@@ -214,19 +227,22 @@ impl SwarmBench {
             );
         }
         println!();
-        println!("| clients ({largest} servers) | aggregate tok/s | x 1 client | steps per pass |");
-        println!("|---|---|---|---|");
+        println!(
+            "| clients ({largest} servers) | aggregate tok/s | x 1 client | steps per pass | compute-only x 1 client |"
+        );
+        println!("|---|---|---|---|---|");
         let one = concurrency
             .iter()
             .find(|c| c.clients == 1)
             .map_or(1.0, |c| c.aggregate_tokens_per_s);
         for c in &concurrency {
             println!(
-                "| {} | {:.1} | {:.2} | {:.2} |",
+                "| {} | {:.1} | {:.2} | {:.2} | {:.2} |",
                 c.clients,
                 c.aggregate_tokens_per_s,
                 c.aggregate_tokens_per_s / one,
-                c.mean_batch
+                c.mean_batch,
+                c.compute_ceiling
             );
         }
         let json = serde_json::json!({
@@ -265,6 +281,74 @@ fn concurrently(
             })
             .sum()
     })
+}
+
+/// Decode steps timed for [`compute_ceiling`], each way.
+const CEILING_STEPS: usize = 12;
+
+/// The most `sessions` concurrent generations of `req` can gain over one on
+/// these cores: aggregate tokens per second of `local`, compute only, with
+/// every decode step of the sessions run as one batch, against one session
+/// alone. Prompts run one after another (a prompt is already a batch of
+/// positions, so batching prompts gains little); decode steps are timed at
+/// the average context, the prompt and half the new tokens, as medians of
+/// [`CEILING_STEPS`] steps each way.
+fn compute_ceiling(local: &LocalModel, req: &GenerationRequest, sessions: usize) -> Result<f64> {
+    if sessions <= 1 {
+        return Ok(1.0);
+    }
+    let blocks = local.span.range();
+    let decode_steps = req.max_new_tokens.saturating_sub(1);
+    let context = req.prompt_ids.len() + req.max_new_tokens / 2;
+    let positions: Vec<u32> = req
+        .prompt_ids
+        .iter()
+        .copied()
+        .cycle()
+        .take(context)
+        .collect();
+    let step = local.embedding.forward(&positions[..1])?;
+    let mut prompts = Vec::new();
+    let mut caches = Vec::new();
+    for _ in 0..sessions {
+        let mut cache = local.span.new_cache(context + 1);
+        let start = Instant::now();
+        let out = local
+            .span
+            .forward(&local.embedding.forward(&req.prompt_ids)?, &mut cache)?;
+        local.head.forward(&out)?;
+        prompts.push(start.elapsed().as_secs_f64());
+        let rest = &positions[req.prompt_ids.len()..];
+        if !rest.is_empty() {
+            local
+                .span
+                .forward(&local.embedding.forward(rest)?, &mut cache)?;
+        }
+        caches.push(cache);
+    }
+    let inputs = vec![step; sessions];
+    let mut time = |n: usize| -> Result<f64> {
+        let caches = &mut caches[..n];
+        let start = Instant::now();
+        let outputs = local
+            .span
+            .forward_batch(blocks.clone(), &inputs[..n], caches)?;
+        local.head.forward(&Tensor::cat(&outputs, 0)?)?;
+        let took = start.elapsed().as_secs_f64();
+        caches.iter_mut().for_each(|c| c.truncate(context));
+        Ok(took)
+    };
+    // One session's steps back to back, as it runs alone: between batched
+    // steps they would find less of the weights in cache.
+    let one = (0..CEILING_STEPS).map(|_| time(1)).collect::<Result<_>>()?;
+    let all = (0..CEILING_STEPS)
+        .map(|_| time(sessions))
+        .collect::<Result<_>>()?;
+    let prompt = median(prompts);
+    let steps = decode_steps as f64;
+    let alone = prompt + steps * median(one);
+    let together = sessions as f64 * prompt + steps * median(all);
+    Ok(sessions as f64 * alone / together)
 }
 
 /// Session steps and compute passes so far, summed over `servers`, from

@@ -91,3 +91,36 @@ fn chat_keeps_the_conversation_and_streams_answers() {
         "The capital of France is Paris.\n"
     );
 }
+
+#[test]
+fn bench_swarm_prints_and_writes_its_tables() {
+    let Some(path) = default_model() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("swarm.json");
+    let out = hypertensor()
+        .args(["bench", "swarm", "--servers", "2", "--clients", "1,2"])
+        .args(["--rounds", "1", "--tokens", "4", "--model"])
+        .arg(&path)
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("| 2 server(s): 0:15 + 15:30 |"), "{stdout}");
+    assert!(stdout.contains("compute-only x 1 client"), "{stdout}");
+    let written: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    // The local run, then the two servers relayed by the client and pushing.
+    assert_eq!(written["decode"].as_array().unwrap().len(), 3);
+    let concurrency = written["concurrency"].as_array().unwrap();
+    let clients: Vec<_> = concurrency.iter().map(|c| c["clients"].clone()).collect();
+    assert_eq!(clients, [1, 2]);
+    assert_eq!(concurrency[0]["compute_ceiling"], 1.0);
+    let ceiling = concurrency[1]["compute_ceiling"].as_f64().unwrap();
+    assert!(ceiling.is_finite() && ceiling > 0.0, "{ceiling}");
+}
